@@ -1,0 +1,1 @@
+"""Attention kernels: CoPE (reference, blockwise XLA, Pallas) and plain masked attention."""

@@ -1,0 +1,32 @@
+"""Llama-family decoder (RoPE / CoPE / both / none) as pure functions over a params pytree."""
+
+from jaxselm.model.api import (
+    apply_with_cache,
+    cache_logical_axes,
+    forward,
+    init_cache,
+    init_params,
+    param_logical_axes,
+    param_shapes,
+    reward_scores,
+)
+from jaxselm.model.config import PRESETS, FrozenConfig, ModelConfig, RopeScaling, get_preset
+from jaxselm.model.transformer import KVCache, Transformer
+
+__all__ = [
+    "PRESETS",
+    "FrozenConfig",
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "Transformer",
+    "apply_with_cache",
+    "cache_logical_axes",
+    "forward",
+    "get_preset",
+    "init_cache",
+    "init_params",
+    "param_logical_axes",
+    "param_shapes",
+    "reward_scores",
+]

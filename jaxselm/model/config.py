@@ -1,0 +1,280 @@
+"""Model configuration: one frozen, validated `ModelConfig`, plus presets.
+
+The config is a frozen pydantic model, so it is hashable (it can be a static argument of `jax.jit`)
+and every field is type-checked. Any invalid value raises :class:`jaxselm.errors.ConfigError` whose
+one-line message names the field, e.g. ``model.num_kv_heads: 3 does not divide num_heads=8``.
+
+    from jaxselm.model import get_preset
+    cfg = get_preset("tiny-cope")
+    cfg.num_params(), cfg.flops_per_token(seq_len=512)
+    big = get_preset("llama3-8b").replace(position="cope")
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from jaxselm.errors import ConfigError
+
+PositionMode = Literal["rope", "cope", "cope+rope", "none"]
+DType = Literal["float32", "bfloat16", "float16"]
+CopeImpl = Literal["auto", "reference", "xla", "pallas_tpu", "pallas_gpu"]
+
+
+def format_validation_error(err: ValidationError, prefix: str) -> str:
+    """One line naming the first offending field of a pydantic ValidationError."""
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__")
+    msg = first.get("msg", "invalid value")
+    msg = msg.removeprefix("Value error, ")
+    if msg.startswith(prefix + "."):  # already formatted by a nested section
+        return msg
+    if loc:
+        where = f"{prefix}.{loc}"
+    elif ": " in msg:  # a cross-field check names its field as "field: message"
+        field, msg = msg.split(": ", 1)
+        where = f"{prefix}.{field}"
+    else:
+        where = prefix
+    if first.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    value = first.get("input")
+    shown = "" if first.get("type") in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
+    return f"{where}: {msg}{shown}"
+
+
+class FrozenConfig(BaseModel):
+    """Base of the package's config sections: frozen, strict types, unknown keys refused.
+
+    Construction errors are re-raised as a one-line ConfigError naming the field.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    _error_prefix: ClassVar[str] = "config"
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, self._error_prefix)) from None
+
+    def replace(self, **changes: Any):
+        """A validated copy with some fields changed."""
+        return type(self)(**{**self.model_dump(), **changes})
+
+
+class RopeScaling(FrozenConfig):
+    """RoPE frequency scaling as in HF `rope_scaling` (``llama3`` or ``linear``)."""
+
+    _error_prefix: ClassVar[str] = "model.rope_scaling"
+
+    rope_type: Literal["llama3", "linear"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @field_validator("factor", "low_freq_factor", "high_freq_factor")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScaling":
+        if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("high_freq_factor: must be > low_freq_factor")
+        return self
+
+
+class ModelConfig(FrozenConfig):
+    """A Llama-family decoder (RMSNorm, SwiGLU, GQA) with RoPE, CoPE, both, or no positions."""
+
+    _error_prefix: ClassVar[str] = "model"
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    intermediate_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096  # the context length; longer prompts are refused
+    tie_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral v0.1; rope/none only
+    position: PositionMode = "rope"
+    cope_npos_max: int = 64
+    cope_shared_across_layers: bool = False
+    cope_impl: CopeImpl = "auto"
+    dtype: DType = "float32"  # compute dtype of activations and matmuls
+    param_dtype: DType = "float32"  # storage dtype of parameters (fp32 master weights)
+    num_labels: int = 1  # outputs of the reward (sequence-classification) head
+    remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
+
+    @field_validator(
+        "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+        "max_position_embeddings", "num_labels",
+    )
+    @classmethod
+    def _positive_int(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("rms_norm_eps", "rope_theta")
+    @classmethod
+    def _positive_float(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("head_dim", "sliding_window")
+    @classmethod
+    def _optional_positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("cope_npos_max")
+    @classmethod
+    def _npos(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("npos_max must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        def bad(field: str, msg: str) -> ValueError:
+            return ValueError(f"{field}: {msg}")
+
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise bad("num_heads", f"{self.num_heads} does not divide hidden_size={self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise bad("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        if self.head_dim is None and (self.hidden_size // self.num_heads) % 2 and self.uses_rope:
+            raise bad("num_heads", "RoPE needs an even head dimension")
+        if self.head_dim is not None and self.head_dim % 2 and self.uses_rope:
+            raise bad("head_dim", f"RoPE needs an even head dimension (got {self.head_dim})")
+        if self.sliding_window is not None and self.uses_cope:
+            raise bad("sliding_window", "is not supported with CoPE positions")
+        return self
+
+    # -- derived quantities ------------------------------------------------------------------
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.position in ("rope", "cope+rope")
+
+    @property
+    def uses_cope(self) -> bool:
+        return self.position in ("cope", "cope+rope")
+
+    def num_params(self, *, head: str = "lm") -> int:
+        """Number of parameters of the model with the LM head (``head="lm"``) or reward head."""
+        e, d = self.hidden_size, self.resolved_head_dim
+        h, k, f, l = self.num_heads, self.num_kv_heads, self.intermediate_size, self.num_layers
+        attn = e * h * d + 2 * e * k * d + h * d * e
+        mlp = 3 * e * f
+        norms = 2 * e
+        per_layer = attn + mlp + norms
+        n = l * per_layer + self.vocab_size * e + e  # embeddings and final norm
+        if self.uses_cope:
+            n += self.cope_npos_max * d * (1 if self.cope_shared_across_layers else l)
+        if head == "lm":
+            n += 0 if self.tie_embeddings else e * self.vocab_size
+        else:
+            n += e * self.num_labels
+        return n
+
+    def flops_per_token(self, seq_len: int, *, training: bool = True) -> float:
+        """Model FLOPs per token at context ``seq_len`` (PaLM convention, no causal halving).
+
+        Forward: 2 * (matmul parameters, LM head included, embedding lookup excluded)
+        + 4 * layers * heads * head_dim * seq_len (scores and weighted values) and, with CoPE,
+        2 * layers * heads * head_dim * P for the position logits q E^T. Training is 3x forward.
+        """
+        e, d, h = self.hidden_size, self.resolved_head_dim, self.num_heads
+        matmul_params = self.num_params() - self.vocab_size * e - (2 * self.num_layers + 1) * e
+        if self.uses_cope:
+            matmul_params -= self.cope_npos_max * d * (1 if self.cope_shared_across_layers else self.num_layers)
+        if self.tie_embeddings:
+            matmul_params += self.vocab_size * e
+        fwd = 2.0 * matmul_params + 4.0 * self.num_layers * h * d * seq_len
+        if self.uses_cope:
+            fwd += 2.0 * self.num_layers * h * d * self.cope_npos_max
+        return 3.0 * fwd if training else fwd
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # Tests: a few thousand parameters, every code path (GQA, CoPE) reachable by .replace().
+    "tiny": dict(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=64, max_position_embeddings=256, position="rope",
+    ),
+    "tiny-cope": dict(
+        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+        intermediate_size=64, max_position_embeddings=256, position="cope", cope_npos_max=16,
+    ),
+    # The CoPE paper's toy-task size (selective copy: dim 64, 2 layers, 2 heads).
+    "cope-small": dict(
+        vocab_size=32, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+        intermediate_size=256, max_position_embeddings=2048, position="cope", cope_npos_max=64,
+    ),
+    # ~100M parameters, Llama-style: benchmarks of training and generation on CPU.
+    "small-100m": dict(
+        vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+        intermediate_size=2048, max_position_embeddings=2048, rope_theta=10000.0,
+        tie_embeddings=True,
+    ),
+    # ~1.1B parameters (TinyLlama's shape): accelerator MFU / decode benchmarks.
+    "llama-1b": dict(
+        vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
+        intermediate_size=5632, max_position_embeddings=4096, rope_theta=10000.0, dtype="bfloat16",
+    ),
+    "llama3-8b": dict(
+        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=None, max_position_embeddings=8192, dtype="bfloat16",
+    ),
+    "llama3.1-8b": dict(
+        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+        max_position_embeddings=131072, dtype="bfloat16",
+    ),
+    "mistral-7b": dict(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+        max_position_embeddings=32768, dtype="bfloat16",
+    ),
+    # Zephyr-7B-SFT is Mistral-7B-v0.1 fine-tuned: same architecture.
+    "zephyr-7b": dict(
+        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
+        max_position_embeddings=32768, dtype="bfloat16",
+    ),
+    "map-neo-7b": dict(
+        vocab_size=64256, hidden_size=3072, num_layers=28, num_heads=16, num_kv_heads=16,
+        head_dim=192, intermediate_size=24576, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=8192, tie_embeddings=False, dtype="bfloat16",
+    ),
+}
+
+PRESETS = tuple(_PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A preset config by name (see ``PRESETS``), optionally with fields overridden."""
+    if name not in _PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**_PRESETS[name], **overrides})

@@ -1,0 +1,248 @@
+"""The Llama-family decoder as Flax linen modules, used as pure functions.
+
+Layout (names chosen to map one-to-one onto HF LlamaForCausalLM tensors):
+
+    embed                          [V, E]        ("vocab", "embed")
+    layers/attn_norm/scale         [L, E]        ("layers", "embed")
+    layers/attn/q_proj/kernel      [L, E, H, D]  ("layers", "embed", "heads", "head_dim")
+    layers/attn/k_proj/kernel      [L, E, K, D]  ("layers", "embed", "kv_heads", "head_dim")
+    layers/attn/v_proj/kernel      [L, E, K, D]
+    layers/attn/o_proj/kernel      [L, H, D, E]  ("layers", "heads", "head_dim", "embed")
+    layers/attn/cope_pos_emb       [L, P, D]     ("layers", "cope_pos", "head_dim")  (per-layer CoPE)
+    cope_pos_emb                   [P, D]        shared CoPE table (cope_shared_across_layers)
+    layers/mlp_norm/scale          [L, E]
+    layers/mlp/{gate,up}_proj/kernel [L, E, F]   ("layers", "embed", "mlp")
+    layers/mlp/down_proj/kernel    [L, F, E]     ("layers", "mlp", "embed")
+    final_norm/scale               [E]
+    lm_head                        [E, V]        ("embed", "vocab"); absent with tied embeddings
+    score                          [E, num_labels] reward head, instead of lm_head
+
+Layers are stacked by `nn.scan` (one compiled layer, a leading "layers" axis). Inputs are token ids
+[B, T] with an attention mask [B, T] (True = real token; left padding for batched prompts);
+RoPE positions are counted over real tokens only, as HF does with position_ids. The KV cache is
+an explicit pytree (:class:`KVCache`) so prefill and decode are pure functions too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxselm.kernels.attention import masked_attention
+from jaxselm.kernels.cope import cope_attention
+from jaxselm.model.config import ModelConfig
+from jaxselm.model.rope import apply_rope, inverse_frequencies
+
+Array = jax.Array
+_INIT_STD = 0.02  # HF `initializer_range` default for Llama
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _init(axes: tuple[str | None, ...], init=None):
+    return nn.with_logical_partitioning(init or nn.initializers.normal(_INIT_STD), axes)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values in a fixed-size buffer, shared write index for the batch.
+
+    k, v:     [L, B, S, K, D]  ("layers", "batch", "length", "kv_heads", "head_dim")
+    mask:     [B, S] bool      slots written with a real (non-padding) token
+    index:    [] int32         next slot to write (the same for every row: prompts are left-padded)
+    next_pos: [B] int32        RoPE position of the next real token of each row
+    """
+
+    k: Array
+    v: Array
+    mask: Array
+    index: Array
+    next_pos: Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", _init(("embed",), nn.initializers.ones), (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_index, shared_pos_emb):
+        cfg = self.config
+        h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+
+        def proj(name, feats, axes):
+            return nn.DenseGeneral(feats, use_bias=False, dtype=dt, param_dtype=pdt,
+                                   kernel_init=_init(axes), name=name)(x)
+
+        q = proj("q_proj", (h, d), ("embed", "heads", "head_dim"))
+        key = proj("k_proj", (k, d), ("embed", "kv_heads", "head_dim"))
+        val = proj("v_proj", (k, d), ("embed", "kv_heads", "head_dim"))
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
+        if cfg.uses_rope:
+            inv_freq = inverse_frequencies(cfg)
+            q = apply_rope(q, positions, inv_freq)
+            key = apply_rope(key, positions, inv_freq)
+
+        new_cache = None
+        q_offset = None
+        if layer_cache is not None:
+            ck, cv = layer_cache
+            ck = jax.lax.dynamic_update_slice(ck, key.astype(ck.dtype), (0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, val.astype(cv.dtype), (0, cache_index, 0, 0))
+            new_cache = (ck, cv)
+            key, val, q_offset = ck.astype(dt), cv.astype(dt), cache_index
+
+        if cfg.uses_cope:
+            if cfg.cope_shared_across_layers:
+                pos_emb = shared_pos_emb
+            else:
+                pos_emb = self.param("cope_pos_emb", _init(("cope_pos", "head_dim"), nn.initializers.zeros),
+                                     (cfg.cope_npos_max, d), pdt)
+            out = cope_attention(q, key, val, pos_emb.astype(dt), kv_mask=kv_mask, causal=True,
+                                 q_offset=q_offset, impl=cfg.cope_impl)
+        else:
+            out = masked_attention(q, key, val, kv_mask=kv_mask, causal=True, q_offset=q_offset,
+                                   sliding_window=cfg.sliding_window)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        y = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
+                            kernel_init=_init(("heads", "head_dim", "embed")), name="o_proj")(out)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+
+        def dense(name, feats, axes, inp):
+            return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, kernel_init=_init(axes),
+                            name=name)(inp)
+
+        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), x)
+        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), hidden)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, kv_mask, cache_index, shared_pos_emb):
+        cfg = self.config
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x)
+        a, new_cache = Attention(cfg, name="attn")(h, positions, kv_mask, layer_cache, cache_index,
+                                                   shared_pos_emb)
+        x = x + a
+        h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x)
+        x = x + MLP(cfg, name="mlp")(h)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, new_cache
+
+
+class Transformer(nn.Module):
+    """Decoder with an LM head (``head="lm"``) or a scalar reward head (``head="reward"``)."""
+
+    config: ModelConfig
+    head: str = "lm"
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: Array,
+        attention_mask: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ):
+        cfg = self.config
+        if self.head not in ("lm", "reward"):
+            raise ValueError(f"Transformer.head must be 'lm' or 'reward', got {self.head!r}")
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        b, t = tokens.shape
+        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        counts = jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1
+        if cache is None:
+            kv_mask, cache_index, layer_caches = mask, None, None
+            base_pos = jnp.zeros((b, 1), jnp.int32)
+        else:
+            cache_index = cache.index
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache_index))
+            layer_caches = (cache.k, cache.v)
+            base_pos = cache.next_pos[:, None]
+        if positions is None:
+            positions = base_pos + jnp.maximum(counts, 0)
+
+        embedding = self.param("embed", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
+        x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+        shared_pos_emb = None
+        if cfg.uses_cope and cfg.cope_shared_across_layers:
+            shared_pos_emb = self.param("cope_pos_emb", _init(("cope_pos", "head_dim"), nn.initializers.zeros),
+                                        (cfg.cope_npos_max, cfg.resolved_head_dim), pdt)
+
+        block = Block
+        if cfg.remat:
+            block = nn.remat(Block, prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        x, new_layer_caches = layers(x, layer_caches, positions, kv_mask, cache_index, shared_pos_emb)
+        x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
+
+        if return_hidden:
+            out = x
+        elif self.head == "lm":
+            if cfg.tie_embeddings:
+                w = embedding.T
+            else:
+                w = self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
+            out = jnp.dot(x, w.astype(dt), preferred_element_type=jnp.float32).astype(jnp.float32)
+            out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
+        else:
+            w = self.param("score", _init(("embed", None)), (cfg.hidden_size, cfg.num_labels), pdt)
+            scores = jnp.dot(x, w.astype(dt), preferred_element_type=jnp.float32).astype(jnp.float32)
+            # Score of the last real token of each row (HF LlamaForSequenceClassification pooling).
+            last = jnp.max(jnp.where(mask, jnp.arange(t)[None, :], 0), axis=1)
+            out = jnp.take_along_axis(scores, last[:, None, None], axis=1)[:, 0, :]
+
+        if cache is None:
+            return out
+        new_cache = KVCache(
+            k=new_layer_caches[0], v=new_layer_caches[1], mask=kv_mask,
+            index=cache.index + t, next_pos=cache.next_pos + jnp.sum(mask, axis=1, dtype=jnp.int32),
+        )
+        return out, new_cache
