@@ -8,5 +8,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+# chex.variants reads absl flags; pytest never parses them.
+flags.FLAGS.mark_as_parsed()
 
 assert jax.device_count() == 8, "tests expect 8 host CPU devices (XLA_FLAGS set too late?)"
