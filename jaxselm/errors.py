@@ -14,7 +14,16 @@ class JaxselmError(Exception):
 
 
 class ConfigError(JaxselmError, ValueError):
-    """A configuration value is missing, unknown, of the wrong type or out of range."""
+    """A configuration value is missing, unknown, of the wrong type or out of range.
+
+    ``path`` (the key's path inside the config section that raised it) and ``detail`` (the
+    message without the key) let an enclosing section re-prefix the key with its own path.
+    """
+
+    def __init__(self, message: str, *, path: tuple[str, ...] | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.path = path
+        self.detail = detail
 
 
 class DataError(JaxselmError, ValueError):

@@ -23,26 +23,34 @@ DType = Literal["float32", "bfloat16", "float16"]
 CopeImpl = Literal["auto", "reference", "xla", "pallas_tpu", "pallas_gpu"]
 
 
-def format_validation_error(err: ValidationError, prefix: str) -> str:
-    """One line naming the first offending field of a pydantic ValidationError."""
+def _describe(err: ValidationError) -> tuple[tuple[str, ...], str]:
+    """(key path, message) of the first error of a pydantic ValidationError."""
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "__root__")
-    msg = first.get("msg", "invalid value")
-    msg = msg.removeprefix("Value error, ")
-    if msg.startswith(prefix + "."):  # already formatted by a nested section
-        return msg
-    if loc:
-        where = f"{prefix}.{loc}"
-    elif ": " in msg:  # a cross-field check names its field as "field: message"
+    loc = tuple(str(p) for p in first.get("loc", ()) if p != "__root__")
+    inner = (first.get("ctx") or {}).get("error")
+    if isinstance(inner, ConfigError) and inner.path is not None:  # a nested section's own error
+        return loc + inner.path, inner.detail or str(inner)
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
+    if not loc and ": " in msg:  # a cross-field check names its field as "field: message"
         field, msg = msg.split(": ", 1)
-        where = f"{prefix}.{field}"
-    else:
-        where = prefix
+        loc = (field,)
     if first.get("type") == "extra_forbidden":
         msg = "unknown key"
     value = first.get("input")
-    shown = "" if first.get("type") in ("extra_forbidden", "missing") or isinstance(value, dict) else f" (got {value!r})"
-    return f"{where}: {msg}{shown}"
+    if first.get("type") not in ("extra_forbidden", "missing") and not isinstance(value, dict):
+        msg = f"{msg} (got {value!r})"
+    return loc, msg
+
+
+def config_error(err: ValidationError, prefix: str) -> ConfigError:
+    """A one-line ConfigError naming the offending key, e.g. ``model.num_heads: must be >= 1``."""
+    path, msg = _describe(err)
+    where = ".".join((prefix, *path)) if path else prefix
+    return ConfigError(f"{where}: {msg}", path=path, detail=msg)
+
+
+def format_validation_error(err: ValidationError, prefix: str) -> str:
+    return str(config_error(err, prefix))
 
 
 class FrozenConfig(BaseModel):
@@ -58,7 +66,7 @@ class FrozenConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err, self._error_prefix)) from None
+            raise config_error(err, self._error_prefix) from None
 
     def replace(self, **changes: Any):
         """A validated copy with some fields changed."""
