@@ -1,0 +1,121 @@
+"""Synthetic tasks: determinism, settings, verifiers accept references and reject corruptions,
+graded scores, imperfect demonstrations, and the module:function judge."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+from jaxselm.data import tasks
+from jaxselm.errors import ConfigError, DataError
+
+SMALL = {
+    "sort": {"min_items": 2, "max_items": 5},
+    "copy": {"vocab_size": 16, "num_tokens": 6, "num_blanks": 10},
+    "count": {"num_vars": 3, "min_ops": 10, "max_ops": 40},
+    "flipflop": {"length": 20, "p_ignore": 0.8},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_reference_accepted_corruption_rejected(name):
+    task = tasks.make_task(name, **SMALL[name])
+    tok = task.tokenizer()
+    rng = np.random.default_rng(0)
+    for ex in tasks.generate_examples(task, 40, seed=3):
+        prompt, answer = ex["prompt"], ex["answer"]
+        assert prompt.split()[0] == task.keyword
+        assert tasks.verify(prompt, answer) and tasks.score(prompt, answer) == 1.0
+        assert task.score(prompt, answer) == 1.0
+        bad = task.corrupt(prompt, answer, rng)
+        assert bad != answer and not tasks.verify(prompt, bad)
+        assert 0.0 <= tasks.score(prompt, bad) < 1.0
+        assert tasks.score(prompt, "") < 1.0 and tasks.score(prompt, answer + " 0") < 1.0
+        # Every word is in the task's vocabulary: no unknown ids.
+        assert tok.unk_id not in tok.encode(prompt + " " + answer)
+        assert tok.decode(tok.encode(prompt)) == prompt
+
+
+def test_generation_is_deterministic_and_independent_of_count():
+    task = tasks.make_task("sort")
+    first = list(tasks.generate_examples(task, 5, seed=11))
+    assert first == list(tasks.generate_examples(task, 5, seed=11))
+    assert first[3] == next(tasks.generate_examples(task, 1, seed=11, start=3))
+    assert first != list(tasks.generate_examples(task, 5, seed=12))
+    assert first != list(tasks.generate_examples(task, 5, seed=11, split="test"))
+    assert [e["id"] for e in first] == [f"sort/train/{i}" for i in range(5)]
+
+
+def test_known_answers():
+    assert tasks.score("sort 3 1 2 =", "1 2 3") == 1.0
+    assert tasks.score("sort 3 1 2 =", "1 3 2") == pytest.approx(1 / 3)
+    assert tasks.score("sort 3 1 2 =", "1 2") == pytest.approx(2 / 3)
+    assert tasks.score("sort 3 1 2 =", "1 2 3 3") == pytest.approx(3 / 4)
+    assert tasks.score("copy t3 _ _ t1 _ t7 =", "t3 t1 t7") == 1.0
+    assert tasks.score("copy t3 _ _ t1 _ t7 =", "t3 _ t7") == pytest.approx(2 / 3)
+    assert tasks.verify("count set a 3 set b 0 inc a pass inc a inc b ? a", "5")
+    assert tasks.verify("count set a 3 set b 0 inc a set a 1 inc a ? a", "2")
+    assert not tasks.verify("count set a 3 inc a ? a", "3")
+    assert tasks.verify("flipflop w 1 i 0 r 1 w 0 i 1 r", "0")
+    assert tasks.verify("flipflop w 1 i 0 i 0 r", "1")
+
+
+def test_task_settings_follow_paper_shapes():
+    copy = tasks.make_task("copy", vocab_size=16, num_tokens=12, num_blanks=20)
+    ex = copy.example(0, "train", 0)
+    body = ex["prompt"].split()[1:-1]
+    assert len(body) == 32 and body.count("_") == 20 and len(ex["answer"].split()) == 12
+    count = tasks.make_task("count", num_vars=2, min_ops=30, max_ops=30, max_value=10)
+    for ex in tasks.generate_examples(count, 30, seed=0):
+        words = ex["prompt"].split()
+        assert sum(w in ("set", "inc", "pass") for w in words) == 30 + 2
+        assert all(0 <= int(w) <= 10 for w in words if w.isdigit())
+    # Weights 1/7/50: passes dominate.
+    big = tasks.make_task("count", min_ops=400, max_ops=400)
+    w = big.sample(np.random.default_rng(0)).split()
+    assert w.count("pass") > 5 * w.count("inc") > 0
+    ff = tasks.make_task("flipflop", length=200, p_ignore=0.98)
+    w = ff.sample(np.random.default_rng(1)).split()[1:]
+    assert len(w) == 2 * 200 - 1 and w[0] == "w" and w[-1] == "r"
+    assert w[0::2].count("i") > 180
+
+
+def test_sort_demo_task_is_short_and_graded():
+    task = tasks.make_task("sort")
+    tok = task.tokenizer()
+    assert tok.vocab_size <= 16
+    for ex in tasks.generate_examples(task, 50, seed=0):
+        assert len(tok.encode(ex["answer"])) <= 10
+    demos = tasks.make_demonstrations(task, 400, seed=5, corrupt_prob=0.3)
+    assert demos == tasks.make_demonstrations(task, 400, seed=5, corrupt_prob=0.3)
+    frac = np.mean([d["corrupted"] for d in demos])
+    assert 0.2 < frac < 0.4
+    for d in demos:
+        s = tasks.score(d["prompt"], d["response"])
+        assert (s == 1.0) != d["corrupted"]
+    assert not any(
+        d["corrupted"] for d in tasks.make_demonstrations(task, 20, seed=5, corrupt_prob=0.0)
+    )
+
+
+def test_judge_is_importable_as_module_function():
+    module, func = "jaxselm.data.tasks:score".split(":")
+    judge = getattr(importlib.import_module(module), func)
+    assert judge("sort 2 1 =", "1 2") == 1.0
+
+
+def test_errors():
+    with pytest.raises(ConfigError, match="unknown task 'nope'"):
+        tasks.make_task("nope")
+    with pytest.raises(ConfigError, match=r"tasks.sort.max_itemz: unknown setting"):
+        tasks.make_task("sort", max_itemz=3)
+    with pytest.raises(ConfigError, match=r"tasks.sort.min_items"):
+        tasks.make_task("sort", min_items=6, max_items=5)
+    with pytest.raises(ConfigError, match=r"tasks.flipflop.p_ignore"):
+        tasks.make_task("flipflop", p_ignore=1.5)
+    with pytest.raises(DataError, match="task keyword"):
+        tasks.score("what is 2 + 2?", "4")
+    with pytest.raises(DataError, match="malformed count prompt"):
+        tasks.score("count inc a ? a", "1")
+    with pytest.raises(ConfigError, match="corrupt_prob"):
+        tasks.make_demonstrations(tasks.make_task("sort"), 2, seed=0, corrupt_prob=2.0)
