@@ -70,6 +70,30 @@ class KVCache:
         return self.k.shape[2]
 
 
+class Linear(nn.Module):
+    """y = x . W over the last ``len(in_shape)`` axes of x; W is [*in_shape, *out_shape].
+
+    Written out (instead of nn.DenseGeneral) so the kernel is created directly in its final
+    N-d shape with its logical axis names: DenseGeneral initialises a flattened 2-d kernel,
+    which clashes with 3-d logical constraints when sharding rules are installed.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _init(self.axes), (*self.in_shape, *self.out_shape), self.param_dtype)
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
+                                preferred_element_type=jnp.float32)
+        return y.astype(self.dtype)
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: Any
@@ -93,8 +117,7 @@ class Attention(nn.Module):
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
 
         def proj(name, feats, axes):
-            return nn.DenseGeneral(feats, use_bias=False, dtype=dt, param_dtype=pdt,
-                                   kernel_init=_init(axes), name=name)(x)
+            return Linear((cfg.hidden_size,), feats, axes, dt, pdt, name=name)(x)
 
         q = proj("q_proj", (h, d), ("embed", "heads", "head_dim"))
         key = proj("k_proj", (k, d), ("embed", "kv_heads", "head_dim"))
@@ -127,8 +150,7 @@ class Attention(nn.Module):
             out = masked_attention(q, key, val, kv_mask=kv_mask, causal=True, q_offset=q_offset,
                                    sliding_window=cfg.sliding_window)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        y = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=dt, param_dtype=pdt,
-                            kernel_init=_init(("heads", "head_dim", "embed")), name="o_proj")(out)
+        y = Linear((h, d), (cfg.hidden_size,), ("heads", "head_dim", "embed"), dt, pdt, name="o_proj")(out)
         return y, new_cache
 
 
@@ -140,14 +162,11 @@ class MLP(nn.Module):
         cfg = self.config
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
 
-        def dense(name, feats, axes, inp):
-            return nn.Dense(feats, use_bias=False, dtype=dt, param_dtype=pdt, kernel_init=_init(axes),
-                            name=name)(inp)
-
-        gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"), x)
-        up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"), x)
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        gate = Linear((e,), (f,), ("embed", "mlp"), dt, pdt, name="gate_proj")(x)
+        up = Linear((e,), (f,), ("embed", "mlp"), dt, pdt, name="up_proj")(x)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return dense("down_proj", cfg.hidden_size, ("mlp", "embed"), hidden)
+        return Linear((f,), (e,), ("mlp", "embed"), dt, pdt, name="down_proj")(hidden)
 
 
 class Block(nn.Module):
