@@ -1,0 +1,181 @@
+"""Optimizer and training configs, and the optax transformation they describe.
+
+AdamW with a linear warm-up followed by cosine (or linear, or constant) decay, gradients clipped by
+global norm first. SELM's recipe (Zhang et al., 2024) is AdamW, lr 5e-7, cosine, 10% warm-up:
+
+    opt_cfg = OptimizerConfig(learning_rate=5e-7, total_steps=1000, warmup_ratio=0.1)
+    tx = make_optimizer(opt_cfg)          # an optax.GradientTransformation
+    lr = make_schedule(opt_cfg)(step)     # what the step reports as "learning_rate"
+
+Gradient accumulation is *not* an optax wrapper here: the train step scans over micro-batches
+and applies one update per call (see ``jaxselm.train.step``), so ``TrainConfig.micro_batches``
+lives with the step settings. Precision: parameters (master weights) are stored in the model's
+``param_dtype`` (float32 by default) and cast to ``dtype`` (e.g. bfloat16) inside the forward, so
+the update below always runs on the float32 masters; ``mu_dtype`` can store Adam's first moment
+in bfloat16 to save memory.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import jax.numpy as jnp
+import optax
+from pydantic import field_validator, model_validator
+
+from jaxselm.model.config import FrozenConfig
+
+
+class OptimizerConfig(FrozenConfig):
+    """AdamW + schedule + clipping. ``warmup_steps`` (if set) overrides ``warmup_ratio``."""
+
+    _error_prefix: ClassVar[str] = "optimizer"
+
+    learning_rate: float = 5e-7
+    total_steps: int = 1000
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = 0.1
+    warmup_steps: int | None = None
+    final_lr_ratio: float = 0.0  # learning rate at total_steps, as a fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    mu_dtype: Literal["float32", "bfloat16"] | None = None  # None: the params' dtype
+
+    @field_validator("learning_rate", "eps")
+    @classmethod
+    def _positive(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("total_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @field_validator("warmup_ratio", "final_lr_ratio")
+    @classmethod
+    def _ratio(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+    @field_validator("b1", "b2")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0:
+            raise ValueError("must be in [0, 1)")
+        return v
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _wd(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError("must be > 0 (or null for no clipping)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimizerConfig:
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(f"warmup_steps: must be in [0, total_steps={self.total_steps}]")
+        return self
+
+    @property
+    def resolved_warmup_steps(self) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round(self.warmup_ratio * self.total_steps))
+
+
+class TrainConfig(FrozenConfig):
+    """The objective and the step's batching. ``loss``: selm | dpo | ipo | xpo.
+
+    ``micro_batches`` splits each batch into that many micro-batches whose gradients are summed
+    in a scan before the one optimizer update (the batch size must be divisible by it).
+    """
+
+    _error_prefix: ClassVar[str] = "train"
+
+    loss: Literal["selm", "dpo", "ipo", "xpo"] = "selm"
+    beta: float = 0.01
+    alpha: float = 1e-3
+    label_smoothing: float = 0.0
+    micro_batches: int = 1
+    optimizer: OptimizerConfig = OptimizerConfig()
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("label_smoothing")
+    @classmethod
+    def _ls(cls, v: float) -> float:
+        if not 0.0 <= v < 0.5:
+            raise ValueError("must be in [0, 0.5)")
+        return v
+
+    @field_validator("micro_batches")
+    @classmethod
+    def _mb(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.label_smoothing and self.loss not in ("selm", "dpo"):
+            raise ValueError(
+                f"label_smoothing: only the selm and dpo losses support it, not {self.loss}"
+            )
+        return self
+
+
+def make_schedule(config: OptimizerConfig) -> optax.Schedule:
+    """Learning rate as a function of the update count: linear warm-up, then the decay."""
+    peak = config.learning_rate
+    warmup = config.resolved_warmup_steps
+    decay_steps = max(config.total_steps - warmup, 1)
+    end = peak * config.final_lr_ratio
+    if config.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.final_lr_ratio)
+    elif config.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm (if ``max_grad_norm``) then AdamW with :func:`make_schedule`."""
+    mu_dtype = None if config.mu_dtype is None else jnp.dtype(config.mu_dtype)
+    adamw = optax.adamw(
+        make_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+        weight_decay=config.weight_decay, mu_dtype=mu_dtype,
+    )
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)

@@ -1,0 +1,499 @@
+"""Sharded train steps (SELM/DPO/IPO/XPO, SFT, reward model) and the reference forward.
+
+One call of a step = one optimizer update over the whole batch: the batch is split into
+``micro_batches`` pieces, gradients are summed in a ``lax.scan`` and divided once by the batch's
+weight (pairs, or tokens for SFT), so accumulation equals the big batch exactly, up to float
+summation order. Each step compiles as one ``jax.jit`` with explicit ``in_shardings`` /
+``out_shardings`` (the state's from the rule table, the batch's along "batch") and donates the
+old state. It is traced inside the logical-axis rules and, with ``activation_constraints``, inside
+``jax.set_mesh(mesh)`` so the model's ``with_logical_constraint`` calls pin activation shardings
+too (``ACTIVATION_CONSTRAINTS``, on by default); parameters, optimizer state and batch are laid
+out by the rule table and XLA propagates from there.
+
+Preference batch (a dict; every response padded to the same length T, prompt included)::
+
+    chosen_tokens    int32 [B, T]   prompt + chosen response (left or right padded)
+    chosen_mask      [B, T]         attention mask, 1 = real token
+    chosen_loss_mask [B, T]         1 on the response tokens only (prompt and padding 0)
+    rejected_tokens / rejected_mask / rejected_loss_mask     same for the rejected response
+    refresp_tokens  / refresp_mask  / refresp_loss_mask      same for y_ref (selm, xpo only)
+    ref_chosen_logps, ref_rejected_logps, ref_refresp_logps   float32 [B], from
+                                    reference_logprobs() with the iteration-start params
+
+The policy runs once per micro-batch over the responses interleaved as [b, 3, T] -> [3b, T]
+(interleaving, not concatenating, keeps each device's rows on that device when the batch is
+sharded). SFT batch: ``tokens``, ``mask``, ``loss_mask`` [B, T]. Reward-model batch:
+``chosen_tokens``, ``chosen_mask``, ``rejected_tokens``, ``rejected_mask``.
+
+    mesh = make_mesh((2, 4, 1))
+    tx = make_optimizer(train_cfg.optimizer)
+    state = init_train_state(model_cfg, tx, rng, mesh)
+    ref = make_reference_fn(model_cfg, mesh)(ref_params, batch)        # once per iteration
+    step = make_preference_step(model_cfg, train_cfg, tx, mesh)
+    state, metrics = step(state, {**batch, **ref})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+
+from jaxselm.errors import ConfigError
+from jaxselm.model import ModelConfig, forward, reward_scores
+from jaxselm.parallel.rules import (
+    LOGICAL_AXIS_RULES,
+    Rules,
+    batch_sharding,
+    logical_to_mesh_spec,
+    replicated,
+    with_mesh_rules,
+)
+from jaxselm.train import losses as L
+from jaxselm.train.optimizer import TrainConfig, make_schedule
+from jaxselm.train.state import TrainState, params_shardings_for, state_shardings
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+# (params, micro-batch) -> (summed loss, weight, summed metrics); the step divides by the weight.
+LossFn = Callable[[Any, Batch], tuple[jax.Array, jax.Array, Metrics]]
+
+# Whether steps are traced under jax.set_mesh, which turns the model's logical activation
+# constraints into sharding constraints (batch over data x fsdp, heads / mlp over tensor). The
+# results are the same either way (tested on several meshes); the constraints pin the layouts
+# XLA would otherwise have to guess.
+ACTIVATION_CONSTRAINTS = True
+
+RESPONSES_WITH_REFRESP = ("chosen", "rejected", "refresp")
+RESPONSES_PAIR = ("chosen", "rejected")
+
+
+def responses_for(loss: str) -> tuple[str, ...]:
+    """The responses a loss needs in the batch: y_ref only for selm and xpo."""
+    return RESPONSES_WITH_REFRESP if loss in ("selm", "xpo") else RESPONSES_PAIR
+
+
+def policy_logprobs(
+    params: Any,
+    config: ModelConfig,
+    batch: Batch,
+    responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
+    forward_fn: Callable[..., jax.Array] = forward,
+) -> dict[str, jax.Array]:
+    """Summed response log-probs {name: float32 [B]} from ONE forward over all responses."""
+    first = batch[f"{responses[0]}_tokens"]
+    chex.assert_rank(first, 2)
+    B, T = first.shape
+    for name in responses:
+        chex.assert_shape(
+            [batch[f"{name}_tokens"], batch[f"{name}_mask"], batch[f"{name}_loss_mask"]], (B, T)
+        )
+    k = len(responses)
+
+    def interleave(suffix: str) -> jax.Array:
+        return jnp.stack([batch[f"{n}{suffix}"] for n in responses], axis=1).reshape(B * k, T)
+
+    tokens = interleave("_tokens").astype(jnp.int32)
+    logits = forward_fn(params, config, tokens, attention_mask=interleave("_mask"))
+    logps = L.sequence_logprobs(logits, tokens, interleave("_loss_mask")).reshape(B, k)
+    return {name: logps[:, i] for i, name in enumerate(responses)}
+
+
+def reference_logprobs(
+    params: Any,
+    config: ModelConfig,
+    batch: Batch,
+    responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
+) -> dict[str, jax.Array]:
+    """{"ref_<name>_logps": float32 [B]} for each response, with the reference ``params``.
+
+    Pure and jittable (``config`` static); :func:`make_reference_fn` gives the sharded, jitted,
+    micro-batched version the loop uses once per iteration.
+    """
+    logps = policy_logprobs(params, config, batch, responses)
+    return {f"ref_{name}_logps": jax.lax.stop_gradient(v) for name, v in logps.items()}
+
+
+def preference_loss_fn(config: ModelConfig, train: TrainConfig) -> LossFn:
+    """The per-micro-batch loss of ``train.loss`` (selm, dpo, ipo or xpo)."""
+    responses = responses_for(train.loss)
+
+    def loss_fn(params: Any, mb: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
+        pol = policy_logprobs(params, config, mb, responses)
+        # XPO has no reference term for y_ref, so the batch need not carry ref_refresp_logps.
+        ref_names = ("chosen", "rejected") if train.loss == "xpo" else responses
+        ref = {n: mb[f"ref_{n}_logps"] for n in ref_names}
+        common = (pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"])
+        if train.loss == "selm":
+            losses, metrics = L.selm_loss_terms(
+                *common, pol["refresp"], ref["refresp"],
+                beta=train.beta, alpha=train.alpha, label_smoothing=train.label_smoothing,
+            )
+        elif train.loss == "dpo":
+            losses, metrics = L.dpo_loss_terms(
+                *common, beta=train.beta, label_smoothing=train.label_smoothing
+            )
+        elif train.loss == "ipo":
+            losses, metrics = L.ipo_loss_terms(*common, beta=train.beta)
+        else:
+            losses, metrics = L.xpo_loss_terms(
+                *common, pol["refresp"], beta=train.beta, alpha=train.alpha
+            )
+        weight = jnp.asarray(losses.shape[0], jnp.float32)
+        return jnp.sum(losses), weight, {k: jnp.sum(v) for k, v in metrics.items()}
+
+    return loss_fn
+
+
+def sft_loss_fn(config: ModelConfig) -> LossFn:
+    """Token NLL of ``tokens`` where ``loss_mask`` is 1 (weight: the number of such tokens)."""
+
+    def loss_fn(params: Any, mb: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
+        chex.assert_rank(mb["tokens"], 2)
+        chex.assert_equal_shape([mb["tokens"], mb["mask"], mb["loss_mask"]])
+        tokens = mb["tokens"].astype(jnp.int32)
+        logits = forward(params, config, tokens, attention_mask=mb["mask"])
+        return L.sft_loss_terms(logits, tokens, mb["loss_mask"])
+
+    return loss_fn
+
+
+def reward_loss_fn(score_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]) -> LossFn:
+    """Bradley-Terry loss of ``score_fn(params, tokens [N, T], mask [N, T]) -> float32 [N]``.
+
+    Chosen and rejected go through ``score_fn`` together, interleaved as [2b, T].
+    """
+
+    def loss_fn(params: Any, mb: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
+        B, T = mb["chosen_tokens"].shape
+        chex.assert_shape(
+            [mb["chosen_mask"], mb["rejected_tokens"], mb["rejected_mask"]], (B, T)
+        )
+        tokens = jnp.stack([mb["chosen_tokens"], mb["rejected_tokens"]], 1).reshape(2 * B, T)
+        mask = jnp.stack([mb["chosen_mask"], mb["rejected_mask"]], 1).reshape(2 * B, T)
+        scores = jnp.asarray(score_fn(params, tokens.astype(jnp.int32), mask), jnp.float32)
+        scores = scores.reshape(B, 2)
+        losses, metrics = L.reward_model_loss_terms(scores[:, 0], scores[:, 1])
+        weight = jnp.asarray(B, jnp.float32)
+        return jnp.sum(losses), weight, {k: jnp.sum(v) for k, v in metrics.items()}
+
+    return loss_fn
+
+
+def _split_micro_batches(batch: Batch, n: int, mesh: jax.sharding.Mesh, rules: Rules) -> Batch:
+    """[B, ...] -> [n, B/n, ...], micro-batch m = rows m, m+n, m+2n... (device-local slices)."""
+
+    def split(name: str, x: jax.Array) -> jax.Array:
+        if x.shape[0] % n:
+            raise ConfigError(
+                f"train.micro_batches: {n} does not divide the batch size {x.shape[0]} ({name})"
+            )
+        y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        spec = logical_to_mesh_spec((None, "batch"), y.shape, mesh, rules)
+        return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+
+    return {name: split(name, x) for name, x in batch.items()}
+
+
+def _accumulate(
+    loss_fn: LossFn, params: Any, batch: Batch, micro_batches: int, mesh, rules, param_shards
+) -> tuple[jax.Array, jax.Array, Metrics, Any]:
+    """Summed loss, weight, metrics and gradients over the micro-batches (one scan)."""
+    grad_fn = jax.value_and_grad(lambda p, mb: _pack(loss_fn(p, mb)), has_aux=True)
+    if micro_batches == 1:
+        (loss, (weight, metrics)), grads = grad_fn(params, batch)
+        return loss, weight, metrics, grads
+    mbs = _split_micro_batches(batch, micro_batches, mesh, rules)
+
+    def body(carry, mb):
+        (loss, (weight, metrics)), grads = grad_fn(params, mb)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)  # accumulate in fp32
+        acc = (loss, weight, metrics, grads)
+        return jax.tree.map(jnp.add, carry, acc), None
+
+    first = jax.tree.map(lambda x: x[0], mbs)
+    shapes = jax.eval_shape(grad_fn, params, first)
+    (l0, (w0, m0)), g0 = shapes
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, w0, m0))
+    zeros = (*zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), g0))
+    zeros = (*zeros[:3], jax.lax.with_sharding_constraint(zeros[3], param_shards))
+    # (the constraint keeps the accumulator sharded like the params, not replicated)
+    (loss, weight, metrics, grads), _ = jax.lax.scan(body, zeros, mbs)
+    return loss, weight, metrics, grads
+
+
+def _pack(out: tuple[jax.Array, jax.Array, Metrics]):
+    loss, weight, metrics = out
+    return loss, (weight, metrics)
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    """L2 norm of all leaves together, in float32 (what clip_by_global_norm compares)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+class ShardedStep:
+    """A jitted, sharded ``(state, batch) -> (state, metrics)`` with the mesh/rules context.
+
+    One compiled function per batch signature (names, shapes, dtypes): its batch shardings are
+    derived from the shapes (non-divisible batch sizes fall back to replication). Numpy batches
+    are placed with those shardings; with several processes pass global arrays from
+    :func:`jaxselm.parallel.make_global_batch` (already laid out, so nothing moves).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+        mesh: jax.sharding.Mesh,
+        rules: Rules,
+        state_shardings: TrainState,
+        *,
+        donate: bool = True,
+        activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+    ):
+        self.fn = fn
+        self.activation_constraints = activation_constraints
+        self.mesh = mesh
+        self.rules = rules
+        self.state_shardings = state_shardings
+        self.donate = donate
+        self._compiled: dict[tuple, Any] = {}
+
+    def _context(self):
+        return with_mesh_rules(
+            self.mesh, self.rules, activation_constraints=self.activation_constraints
+        )
+
+    def batch_shardings(self, batch: Batch) -> dict[str, NamedSharding]:
+        return {k: batch_sharding(jnp.shape(v), self.mesh, self.rules) for k, v in batch.items()}
+
+    def jitted(self, batch: Batch):
+        key = tuple(sorted((k, jnp.shape(v), jnp.result_type(v).name) for k, v in batch.items()))
+        if key not in self._compiled:
+            self._compiled[key] = jax.jit(
+                self.fn,
+                in_shardings=(self.state_shardings, self.batch_shardings(batch)),
+                out_shardings=(self.state_shardings, replicated(self.mesh)),
+                donate_argnums=(0,) if self.donate else (),
+            )
+        return self._compiled[key]
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        batch = dict(batch)
+        batch = jax.device_put(batch, self.batch_shardings(batch))
+        with self._context():
+            return self.jitted(batch)(state, batch)
+
+    def lower(self, state: TrainState, batch: Batch):
+        """The lowered computation (for cost analysis and HLO inspection)."""
+        batch = dict(batch)
+        with self._context():
+            return self.jitted(batch).lower(state, batch)
+
+
+def make_step(
+    loss_fn: LossFn,
+    config: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: optax.Schedule | None,
+    mesh: jax.sharding.Mesh,
+    *,
+    micro_batches: int = 1,
+    weight_name: str = "pairs",
+    rules: Rules = LOGICAL_AXIS_RULES,
+    shardings: TrainState | None = None,
+    donate: bool = True,
+    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+) -> ShardedStep:
+    """A :class:`ShardedStep` applying one ``optimizer`` update from ``loss_fn``'s gradients.
+
+    Metrics: ``loss``, every metric of the loss (batch means), ``grad_norm`` (before clipping),
+    ``learning_rate`` (``schedule`` at the pre-update step; absent if None) and ``weight_name``
+    (the batch's total weight: pairs, or scored tokens for SFT).
+    """
+    if micro_batches < 1:
+        raise ConfigError(f"train.micro_batches: must be >= 1 (got {micro_batches})")
+    shards = shardings if shardings is not None else state_shardings(config, optimizer, mesh, rules)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        loss, weight, metrics, grads = _accumulate(
+            loss_fn, state.params, batch, micro_batches, mesh, rules, shards.params
+        )
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+        out = {k: v / denom for k, v in metrics.items()}
+        out["loss"] = loss / denom
+        out[weight_name] = weight
+        out["grad_norm"] = _global_norm(grads)
+        if schedule is not None:
+            out["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, out
+
+    return ShardedStep(
+        step, mesh, rules, shards, donate=donate, activation_constraints=activation_constraints
+    )
+
+
+def make_preference_step(
+    config: ModelConfig,
+    train: TrainConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    rules: Rules = LOGICAL_AXIS_RULES,
+    donate: bool = True,
+    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+) -> ShardedStep:
+    """The SELM (or DPO/IPO/XPO, per ``train.loss``) step; batch layout in the module docstring."""
+    return make_step(
+        preference_loss_fn(config, train), config, optimizer, make_schedule(train.optimizer), mesh,
+        micro_batches=train.micro_batches, weight_name="pairs", rules=rules, donate=donate,
+        activation_constraints=activation_constraints,
+    )
+
+
+def make_sft_step(
+    config: ModelConfig,
+    train: TrainConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    rules: Rules = LOGICAL_AXIS_RULES,
+    donate: bool = True,
+    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+) -> ShardedStep:
+    """Supervised fine-tuning step: mean NLL over all loss-masked tokens of the whole batch."""
+    return make_step(
+        sft_loss_fn(config), config, optimizer, make_schedule(train.optimizer), mesh,
+        micro_batches=train.micro_batches, weight_name="sft/tokens", rules=rules, donate=donate,
+        activation_constraints=activation_constraints,
+    )
+
+
+def make_reward_model_step(
+    config: ModelConfig,
+    train: TrainConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    *,
+    score_fn: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None,
+    rules: Rules = LOGICAL_AXIS_RULES,
+    shardings: TrainState | None = None,
+    donate: bool = True,
+    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+) -> ShardedStep:
+    """Bradley-Terry reward-model step over params with the reward head (``head="reward"``).
+
+    ``score_fn(params, tokens, mask) -> float32 [N]`` defaults to the model's ``reward_scores``;
+    the state is laid out like ``state_shardings(config, optimizer, mesh, head="reward")``
+    unless ``shardings`` says otherwise.
+    """
+    if score_fn is None:
+        def score_fn(params, tokens, mask):
+            return reward_scores(params, config, tokens, mask)
+    if shardings is None:
+        shardings = state_shardings(config, optimizer, mesh, rules, head="reward")
+    return make_step(
+        reward_loss_fn(score_fn), config, optimizer, make_schedule(train.optimizer), mesh,
+        micro_batches=train.micro_batches, weight_name="pairs", rules=rules,
+        shardings=shardings, donate=donate, activation_constraints=activation_constraints,
+    )
+
+
+class ReferenceFn:
+    """Jitted, sharded :func:`reference_logprobs`, micro-batched with ``lax.map``.
+
+    Params are moved to ``self.param_shardings`` on each call unless already there: place the
+    reference params once (``jax.device_put(params, fn.param_shardings)``) when calling it over
+    many batches.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        mesh: jax.sharding.Mesh,
+        *,
+        responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
+        micro_batches: int = 1,
+        rules: Rules = LOGICAL_AXIS_RULES,
+        activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+    ):
+        self.config, self.mesh, self.rules = config, mesh, rules
+        self.activation_constraints = activation_constraints
+        self.responses, self.micro_batches = responses, micro_batches
+        self.param_shardings = params_shardings_for(config, mesh, rules)
+        self._compiled: dict[tuple, Any] = {}
+
+    def _fn(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        if self.micro_batches == 1:
+            return reference_logprobs(params, self.config, batch, self.responses)
+        mbs = _split_micro_batches(batch, self.micro_batches, self.mesh, self.rules)
+        out = jax.lax.map(
+            lambda mb: reference_logprobs(params, self.config, mb, self.responses), mbs
+        )
+        # [n, B/n] back to [B] in the original row order (row i*n + m came from micro-batch m).
+        return {k: v.swapaxes(0, 1).reshape(-1) for k, v in out.items()}
+
+    def __call__(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
+        batch = {
+            k: v for k, v in batch.items()
+            if any(k.startswith(f"{n}_") for n in self.responses)
+        }
+        shards = {k: batch_sharding(jnp.shape(v), self.mesh, self.rules) for k, v in batch.items()}
+        key = tuple(sorted((k, jnp.shape(v), jnp.result_type(v).name) for k, v in batch.items()))
+        if key not in self._compiled:
+            B = jnp.shape(next(iter(batch.values())))[0]
+            out_sh = batch_sharding((B,), self.mesh, self.rules)
+            self._compiled[key] = jax.jit(
+                self._fn, in_shardings=(self.param_shardings, shards), out_shardings=out_sh
+            )
+        batch = jax.device_put(batch, shards)
+        params = jax.device_put(params, self.param_shardings)
+        with with_mesh_rules(
+            self.mesh, self.rules, activation_constraints=self.activation_constraints
+        ):
+            return self._compiled[key](params, batch)
+
+
+def make_reference_fn(
+    config: ModelConfig,
+    mesh: jax.sharding.Mesh,
+    *,
+    responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
+    micro_batches: int = 1,
+    rules: Rules = LOGICAL_AXIS_RULES,
+    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+) -> ReferenceFn:
+    """``fn(ref_params, batch) -> {"ref_<name>_logps": [B]}``, jitted with shardings on ``mesh``."""
+    return ReferenceFn(
+        config, mesh, responses=responses, micro_batches=micro_batches, rules=rules,
+        activation_constraints=activation_constraints,
+    )
+
+
+__all__ = [
+    "Batch",
+    "LossFn",
+    "ReferenceFn",
+    "ShardedStep",
+    "make_preference_step",
+    "make_reference_fn",
+    "make_reward_model_step",
+    "make_sft_step",
+    "make_step",
+    "policy_logprobs",
+    "preference_loss_fn",
+    "reference_logprobs",
+    "responses_for",
+    "reward_loss_fn",
+    "sft_loss_fn",
+]
