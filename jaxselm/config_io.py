@@ -28,7 +28,7 @@ def parse_value(text: str) -> Any:
     if _FLOAT_RE.match(text.strip()):
         return float(text)
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return _fix_floats(yaml.safe_load(text)) if text.strip() else ""
     except yaml.YAMLError:
         return text
 

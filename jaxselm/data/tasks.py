@@ -114,6 +114,7 @@ class SortTask(Task):
     min_items: int = 2
     max_items: int = 5
     max_value: int = 9
+    distinct: bool = False  # draw the items without replacement (no duplicates to count)
 
     def __post_init__(self) -> None:
         _check(
@@ -124,13 +125,18 @@ class SortTask(Task):
         )
         _check(self.max_items <= 32, "sort", "max_items", "at most 32 (answers stay short)")
         _check(1 <= self.max_value <= 99, "sort", "max_value", "must be in [1, 99]")
+        _check(not self.distinct or self.max_items <= self.max_value + 1, "sort", "distinct",
+               "needs max_items <= max_value + 1")
 
     def vocab(self) -> list[str]:
         return ["sort", "=", *(str(v) for v in range(self.max_value + 1))]
 
     def sample(self, rng: np.random.Generator) -> str:
         n = int(rng.integers(self.min_items, self.max_items + 1))
-        values = rng.integers(0, self.max_value + 1, size=n)
+        if self.distinct:
+            values = rng.choice(self.max_value + 1, size=n, replace=False)
+        else:
+            values = rng.integers(0, self.max_value + 1, size=n)
         return " ".join(["sort", *(str(v) for v in values), "="])
 
     def _items(self, prompt: str) -> list[int]:

@@ -23,10 +23,15 @@ DType = Literal["float32", "bfloat16", "float16"]
 CopeImpl = Literal["auto", "reference", "xla", "pallas_tpu", "pallas_gpu"]
 
 
+_TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none", "tuple"}
+
+
 def _describe(err: ValidationError) -> tuple[tuple[str, ...], str]:
     """(key path, message) of the first error of a pydantic ValidationError."""
     first = err.errors()[0]
-    loc = tuple(str(p) for p in first.get("loc", ()) if p != "__root__")
+    # Drop the type tags pydantic adds inside unions ("list[float]", "float", "function-after[..]").
+    loc = tuple(str(p) for p in first.get("loc", ())
+                if p != "__root__" and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
     inner = (first.get("ctx") or {}).get("error")
     if isinstance(inner, ConfigError) and inner.path is not None:  # a nested section's own error
         return loc + inner.path, inner.detail or str(inner)
@@ -45,7 +50,7 @@ def _describe(err: ValidationError) -> tuple[tuple[str, ...], str]:
 def config_error(err: ValidationError, prefix: str) -> ConfigError:
     """A one-line ConfigError naming the offending key, e.g. ``model.num_heads: must be >= 1``."""
     path, msg = _describe(err)
-    where = ".".join((prefix, *path)) if path else prefix
+    where = ".".join(p for p in (prefix, *path) if p) or "config"
     return ConfigError(f"{where}: {msg}", path=path, detail=msg)
 
 
@@ -284,5 +289,6 @@ PRESETS = tuple(_PRESETS)
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """A preset config by name (see ``PRESETS``), optionally with fields overridden."""
     if name not in _PRESETS:
-        raise ConfigError(f"model.preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        detail = f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
+        raise ConfigError(f"model.preset: {detail}", path=("preset",), detail=detail)
     return ModelConfig(**{**_PRESETS[name], **overrides})

@@ -1,0 +1,3 @@
+from jaxselm.cli import entry_point
+
+entry_point()

@@ -1,0 +1,197 @@
+"""The `jaxselm` command line. The only module that parses argv.
+
+    jaxselm online   --config configs/demo.yaml [key=value ...]   online SELM iterations
+    jaxselm sft      --config configs/demo.yaml [key=value ...]   next-token fine-tuning only
+    jaxselm train    --config FILE.yaml data.prompts_path=prefs.jsonl   offline SELM/DPO/IPO
+    jaxselm train-rm --config FILE.yaml data.prompts_path=prefs.jsonl   Bradley-Terry reward model
+    jaxselm generate --config FILE.yaml --checkpoint DIR --prompts FILE --output out.jsonl
+    jaxselm eval     --config FILE.yaml --checkpoint A --baseline B [--alpaca-eval out.json]
+    jaxselm convert  --from hf --input HF_DIR --output PARAMS_DIR   (or --from jaxselm ... --config)
+
+Every subcommand takes ``--config FILE.yaml`` plus ``key=value`` overrides (e.g.
+``online.iterations=5 model.position=cope``). Mistakes in configs, data, checkpoints, tokenizers or
+judge specs print ONE line (``jaxselm: error: <culprit>: <what>``) and exit with status 2 before any
+work starts; nothing half-written is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from jaxselm.errors import JaxselmError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's own convention too)
+        self.exit(EXIT_USAGE, f"jaxselm: error: {message}\n")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE.yaml", help="run config (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, e.g. online.iterations=5 model.position=cope")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="jaxselm", description="Online preference alignment (SELM) with CoPE, in JAX.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+
+    p = sub.add_parser("online", help="run (or resume) online SELM iterations",
+                       description="Run or resume the online loop: generate, judge, reference "
+                                   "log-probs, train, evaluate, per iteration.")
+    _add_config_args(p)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (the warm start)",
+                       description="Run only the SFT warm start of a run config; writes "
+                                   "OUTPUT_DIR/policy/iter_00.")
+    _add_config_args(p)
+
+    p = sub.add_parser("train", help="offline SELM / DPO / IPO on a preference file",
+                       description="Offline preference training on data.prompts_path (rows with "
+                                   "prompt, chosen, rejected; SELM/XPO also need refresp or use "
+                                   "the policy's greedy response).")
+    _add_config_args(p)
+
+    p = sub.add_parser("train-rm", help="fit a reward model (Bradley-Terry) on preference data",
+                       description="Fit a scalar-head reward model on data.prompts_path "
+                                   "(prompt, chosen, rejected).")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
+
+    p = sub.add_parser("generate", help="sample responses from a checkpoint",
+                       description="Generate responses for prompts (JSONL with 'prompt' or "
+                                   "'messages'; or the task's eval prompts) and write JSONL.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="params export (e.g. RUN/policy/iter_03) or HF dir")
+    p.add_argument("--prompts", help="JSONL of prompts (default: the run's evaluation prompts)")
+    p.add_argument("--output", required=True, help="output JSONL")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+
+    p = sub.add_parser("eval", help="win rate of a checkpoint against another with the judge",
+                       description="Greedy responses of two checkpoints on the evaluation prompts, "
+                                   "judged pairwise; optionally an AlpacaEval-format JSON of outputs.")
+    _add_config_args(p)
+    p.add_argument("--checkpoint", required=True, help="the model to evaluate")
+    p.add_argument("--baseline", help="the model to compare against (default: none, scores only)")
+    p.add_argument("--alpaca-eval", metavar="OUT.json", help="write outputs in AlpacaEval format")
+
+    p = sub.add_parser("convert", help="convert checkpoints between HF safetensors and jaxselm",
+                       description="HF (config.json + safetensors) <-> jaxselm params export.")
+    p.add_argument("--from", dest="src", choices=("hf", "jaxselm"), required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", "-c", metavar="FILE.yaml",
+                   help="(jaxselm -> hf) the run config whose model section describes the params")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    p.add_argument("--head", choices=("lm", "reward"), default="lm")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser
+
+
+def _load_run_config(args):
+    from jaxselm.config_io import load_config
+    from jaxselm.online.config import RunConfig
+
+    return load_config(RunConfig, args.config, args.overrides)
+
+
+def _cmd_online(args) -> int:
+    from jaxselm.online.loop import OnlineRun
+
+    cfg = _load_run_config(args)
+    return OnlineRun(cfg).run()
+
+
+def _cmd_sft(args) -> int:
+    from jaxselm.online.loop import OnlineRun
+
+    cfg = _load_run_config(args)
+    return OnlineRun(cfg).run_sft_only()
+
+
+def _cmd_generate(args) -> int:
+    from jaxselm.online.commands import generate_command
+
+    return generate_command(_load_run_config(args), args.checkpoint, args.prompts, args.output,
+                            greedy=args.greedy)
+
+
+def _cmd_eval(args) -> int:
+    from jaxselm.online.commands import eval_command
+
+    return eval_command(_load_run_config(args), args.checkpoint, args.baseline, args.alpaca_eval)
+
+
+def _cmd_train(args) -> int:
+    from jaxselm.online.commands import offline_train_command
+
+    return offline_train_command(_load_run_config(args))
+
+
+def _cmd_train_rm(args) -> int:
+    from jaxselm.online.commands import train_rm_command
+
+    return train_rm_command(_load_run_config(args), steps=args.steps)
+
+
+def _cmd_convert(args) -> int:
+    from jaxselm.online.commands import convert_command
+
+    cfg = _load_run_config(args) if args.src == "jaxselm" else None
+    return convert_command(args.src, args.input, args.output, cfg, dtype=args.dtype, head=args.head)
+
+
+_COMMANDS = {
+    "online": _cmd_online,
+    "sft": _cmd_sft,
+    "train": _cmd_train,
+    "train-rm": _cmd_train_rm,
+    "generate": _cmd_generate,
+    "eval": _cmd_eval,
+    "convert": _cmd_convert,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from jaxselm import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if args.command != "convert" and args.config is None:
+        print(f"jaxselm {args.command}: error: --config FILE.yaml is required", file=sys.stderr)
+        return EXIT_USAGE
+    for item in getattr(args, "overrides", []) or []:
+        if "=" not in item:
+            print(f"jaxselm {args.command}: error: unexpected argument {item!r} (overrides look like "
+                  "key=value)", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        return _COMMANDS[args.command](args)
+    except JaxselmError as err:
+        msg = " ".join(str(err).split())  # one line
+        print(f"jaxselm {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"jaxselm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry_point() -> None:  # console script
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,1 @@
+"""The online SELM loop, its run config, and the CLI subcommands built on them."""

@@ -1,0 +1,250 @@
+"""The run config of `jaxselm online` (and the other subcommands): one typed, validated tree.
+
+    run:        output_dir, seed, tensorboard, progress
+    model:      preset + any ModelConfig field as an override (e.g. position: cope)
+    init:       checkpoint to start from (a jaxselm params export or an HF checkpoint dir)
+    data:       where prompts come from (a synthetic task or a prompts file / prepared dataset)
+    sft:        optional warm start on demonstrations (steps: 0 to skip)
+    online:     iterations, sampling, pairs, per-iteration learning rates and alphas, epochs
+    train:      loss (selm | dpo | ipo | xpo), beta, alpha, micro_batches, optimizer
+    judge:      kind programmatic | reward_model | llm, and its settings
+    mesh:       data / fsdp / tensor sizes (-1 = the rest)
+
+Every key is checked: unknown keys, wrong types and bad values are one-line ConfigErrors naming
+the key; judges are built (module imported, env var present) before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, ClassVar, Literal
+
+from pydantic import field_validator, model_validator
+
+from jaxselm.errors import ConfigError
+from jaxselm.model import FrozenConfig, ModelConfig, get_preset
+from jaxselm.parallel.mesh import MeshConfig
+from jaxselm.train.optimizer import TrainConfig
+
+
+def _positive(v, name="value"):
+    if v < 1:
+        raise ValueError("must be >= 1")
+    return v
+
+
+class RunSection(FrozenConfig):
+    _error_prefix: ClassVar[str] = "run"
+
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    tensorboard: bool = True
+    progress: bool = True  # progress bars on stderr
+    async_checkpoints: bool = True  # train checkpoints written in the background (orbax)
+
+
+class InitSection(FrozenConfig):
+    _error_prefix: ClassVar[str] = "init"
+
+    # A params export written by jaxselm (policy/iter_N of a run, `jaxselm convert`), or a
+    # directory with an HF config.json + safetensors. None: random init (+ SFT warm start).
+    checkpoint: str | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.exists(v):
+            raise ValueError(f"not found: {v}")
+        return v
+
+
+class DataSection(FrozenConfig):
+    _error_prefix: ClassVar[str] = "data"
+
+    source: Literal["task", "prompts"] = "task"
+    task: str = "sort"
+    task_settings: dict[str, Any] = {}
+    # For source=prompts: a JSONL/Parquet file (UltraFeedback-binarized layout) or a prepared
+    # TFDS dataset directory; eval prompts from a second file or held out from the first.
+    prompts_path: str | None = None
+    eval_prompts_path: str | None = None
+    num_eval_prompts: int = 64
+    # None: the task's built-in word tokenizer; else a path (tokenizer.json, SentencePiece .model,
+    # HF directory) or builtin:bytes.
+    tokenizer: str | None = None
+    chat_template: bool = True  # wrap prompts with the tokenizer's chat template (prompts source)
+    max_prompt_tokens: int = 512
+
+    @field_validator("num_eval_prompts", "max_prompt_tokens")
+    @classmethod
+    def _pos(cls, v: int) -> int:
+        return _positive(v)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSection":
+        if self.source == "prompts" and not self.prompts_path:
+            raise ValueError("prompts_path: required when data.source is 'prompts'")
+        if self.source == "prompts" and not self.tokenizer:
+            raise ValueError("tokenizer: required when data.source is 'prompts'")
+        for key in ("prompts_path", "eval_prompts_path"):
+            path = getattr(self, key)
+            if self.source == "prompts" and path and not os.path.exists(path):
+                raise ValueError(f"{key}: file not found: {path}")
+        return self
+
+
+class SFTSection(FrozenConfig):
+    _error_prefix: ClassVar[str] = "sft"
+
+    steps: int = 0  # 0: no warm start
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    demonstrations: int = 2048  # synthetic tasks: how many imperfect demonstrations
+    corrupt_prob: float = 0.3  # synthetic tasks: fraction of demonstrations with a wrong answer
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @field_validator("batch_size", "demonstrations")
+    @classmethod
+    def _pos(cls, v: int) -> int:
+        return _positive(v)
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("corrupt_prob")
+    @classmethod
+    def _prob(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be in [0, 1]")
+        return v
+
+
+class OnlineSection(FrozenConfig):
+    _error_prefix: ClassVar[str] = "online"
+
+    iterations: int = 3
+    prompts_per_iteration: int = 128
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    greedy: bool = False  # one greedy response per prompt (the SELM authors' setting, with n = 1)
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    generation_batch_size: int = 64  # prompts per generate() call
+    include_dataset_responses: bool = False  # rank the dataset's chosen/rejected too (SELM paper)
+    min_margin: float = 0.0  # pairs whose best-worst score gap is <= this are dropped
+    no_eos_penalty: float | None = None  # subtracted from responses that never emitted EOS
+    refresp: Literal["first", "random"] = "first"  # which policy sample is y_ref
+    epochs: int = 1
+    batch_size: int = 16  # pairs per optimizer update
+    # One learning rate per iteration (the SELM authors decay them), or one for all.
+    learning_rates: list[float] | float = 5e-7
+    # One alpha per iteration (e.g. [0, 1e-3, 1e-3]: DPO first, then SELM), or None: train.alpha.
+    alphas: list[float] | None = None
+    checkpoint_every: int = 50  # train steps between mid-iteration checkpoints
+    num_eval_prompts: int | None = None  # None: data.num_eval_prompts
+
+    @field_validator("iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
+                     "generation_batch_size", "epochs", "batch_size", "checkpoint_every")
+    @classmethod
+    def _pos(cls, v: int) -> int:
+        return _positive(v)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temp(cls, v: float) -> float:
+        if not v > 0:
+            raise ValueError("must be > 0")
+        return v
+
+    @field_validator("min_margin")
+    @classmethod
+    def _margin(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "OnlineSection":
+        lrs = self.learning_rates
+        if isinstance(lrs, list):
+            if len(lrs) != self.iterations:
+                raise ValueError(f"learning_rates: {len(lrs)} values for {self.iterations} iterations")
+            if any(not v > 0 for v in lrs):
+                raise ValueError("learning_rates: every value must be > 0")
+        elif not lrs > 0:
+            raise ValueError("learning_rates: must be > 0")
+        if self.alphas is not None:
+            if len(self.alphas) != self.iterations:
+                raise ValueError(f"alphas: {len(self.alphas)} values for {self.iterations} iterations")
+            if any(a < 0 for a in self.alphas):
+                raise ValueError("alphas: every value must be >= 0")
+        if self.greedy and self.samples_per_prompt != 1:
+            raise ValueError("samples_per_prompt: greedy generation gives one response per prompt (set 1)")
+        if self.samples_per_prompt < 2 and not self.include_dataset_responses:
+            raise ValueError("samples_per_prompt: need >= 2 samples to form a pair "
+                             "(or include_dataset_responses)")
+        return self
+
+    def learning_rate(self, t: int) -> float:
+        """Learning rate of iteration t (1-based)."""
+        lrs = self.learning_rates
+        return float(lrs[t - 1]) if isinstance(lrs, list) else float(lrs)
+
+    def alpha(self, t: int, default: float) -> float:
+        return float(self.alphas[t - 1]) if self.alphas is not None else default
+
+
+class RunConfig(FrozenConfig):
+    _error_prefix: ClassVar[str] = ""  # keys are named from the top: online.iterations
+
+    run: RunSection = RunSection()
+    model: dict[str, Any] = {"preset": "tiny-cope"}
+    init: InitSection = InitSection()
+    data: DataSection = DataSection()
+    sft: SFTSection = SFTSection()
+    online: OnlineSection = OnlineSection()
+    train: TrainConfig = TrainConfig()
+    judge: dict[str, Any] = {"kind": "programmatic", "function": "jaxselm.data.tasks:score"}
+    mesh: MeshConfig = MeshConfig()
+
+    @field_validator("judge")
+    @classmethod
+    def _check_judge(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from jaxselm.feedback import parse_judge_config
+
+        try:
+            parse_judge_config(v)
+        except ConfigError as err:  # re-anchor under "judge"
+            msg = str(err).removeprefix("judge").lstrip(".")
+            path, _, detail = msg.partition(": ")
+            raise ConfigError(str(err), path=tuple(p for p in path.split(".") if p), detail=detail) from None
+        return v
+
+    @model_validator(mode="after")
+    def _check_model(self) -> "RunConfig":
+        try:
+            self.model_config_obj()
+        except ConfigError as err:  # re-anchor "model.<key>" under this section
+            raise ConfigError(str(err), path=("model", *(err.path or ())), detail=err.detail) from None
+        return self
+
+    def model_config_obj(self) -> ModelConfig:
+        spec = dict(self.model)
+        preset = spec.pop("preset", None)
+        if preset is None:
+            return ModelConfig(**spec)
+        if not isinstance(preset, str):
+            raise ConfigError(f"model.preset: expected a preset name (got {preset!r})")
+        return get_preset(preset, **spec)

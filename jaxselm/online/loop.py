@@ -1,0 +1,739 @@
+"""The online SELM loop: generate -> judge -> reference log-probs -> train -> evaluate, per iteration.
+
+    jaxselm online --config configs/demo.yaml            # the CPU demo
+    jaxselm online --config configs/zephyr-7b.yaml run.output_dir=gs://...  # on a pod
+
+Iteration t (1-based) reads its own slice of prompts, samples ``samples_per_prompt`` responses
+from the current policy, has the judge score them, turns each prompt's ranking into a (chosen,
+rejected) pair with one policy sample kept as y_ref, computes the reference log-probs ONCE with
+the iteration-start parameters (pi_ref = the policy at the start of the iteration, refreshed every
+iteration), runs ``epochs`` passes of SELM (or DPO / IPO / XPO) updates with a fresh optimizer and
+the iteration's learning rate, evaluates, and saves the new policy, which becomes pi_ref of t+1.
+
+Before iteration 1 an optional SFT warm start fits the (random or loaded) model on demonstrations;
+its result is "iteration 0", evaluated like the others.
+
+Preemption-safe: every phase writes its output atomically under ``output_dir/iter_NN/`` (arrays as
+safetensors, the rest as JSON), training checkpoints its state every ``checkpoint_every`` steps
+with orbax, and the policy after each iteration is exported. A run killed at any point (SIGKILL)
+resumes where it stopped and, with fixed seeds on CPU, ends with exactly the parameters and
+metrics of an uninterrupted run: completed phases are read back, generation and judging restart
+from the phase's start with the same keys, training restarts from its last checkpoint with the
+same batch order. SIGTERM (what TPU preemption sends) saves a training checkpoint at the next step
+boundary and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxselm.data.batching import bucket_length
+from jaxselm.errors import ConfigError, DataError
+from jaxselm.feedback import RewardModelJudgeConfig, build_pairs, make_judge, parse_judge_config
+from jaxselm.model import ModelConfig, init_params
+from jaxselm.online.config import RunConfig
+from jaxselm.online.io import read_arrays, read_json, write_arrays, write_json
+from jaxselm.online.metrics import MetricsWriter, plot_iterations
+from jaxselm.online.prompts import PromptSet, _text_of, build_tokenizer
+from jaxselm.parallel.mesh import make_mesh
+from jaxselm.sampling import generate
+from jaxselm.train import (
+    Checkpointer,
+    abstract_train_state,
+    create_train_state,
+    load_params,
+    make_optimizer,
+    make_preference_step,
+    make_reference_fn,
+    make_sft_step,
+    params_shardings_for,
+    save_params,
+)
+from jaxselm.train.step import responses_for
+
+PHASES = ("generate", "judge", "reference", "train", "eval")
+
+
+class Preempted(Exception):
+    """Raised at a safe point after SIGTERM; the run exits 0 and resumes later."""
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag checked at step/batch boundaries (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._old = None
+
+    def __enter__(self) -> "_SigtermFlag":
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the kill tests: with ``JAXSELM_FAULT_AT=<name>`` the process sends
+    itself SIGKILL here (or the signal named by ``JAXSELM_FAULT_SIGNAL``, e.g. TERM)."""
+    if os.environ.get("JAXSELM_FAULT_AT") == name:
+        sig = getattr(signal, "SIG" + os.environ.get("JAXSELM_FAULT_SIGNAL", "KILL"))
+        os.kill(os.getpid(), sig)
+
+
+def _progress(iterable, *, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def distinct_n(sequences: list[list[int]], n: int) -> float:
+    """Distinct-n: unique n-grams / all n-grams over a set of responses (diversity)."""
+    grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _config_digest(cfg: RunConfig) -> str:
+    """Hash of the settings that change results (not output_dir / progress / tensorboard)."""
+    data = cfg.model_dump(mode="json")
+    data["run"] = {"seed": data["run"]["seed"]}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class _Seqs:
+    """Right-padded prompt+response rows for the train / reference batches."""
+
+    tokens: np.ndarray  # [N, T] int32
+    mask: np.ndarray  # [N, T] bool
+    loss_mask: np.ndarray  # [N, T] bool (response tokens only)
+
+
+def _pack(prompts: list[list[int]], responses: list[list[int]], length: int, pad_id: int) -> _Seqs:
+    n = len(prompts)
+    tokens = np.full((n, length), pad_id, np.int32)
+    mask = np.zeros((n, length), bool)
+    loss = np.zeros((n, length), bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq = list(p) + list(r)
+        if len(seq) > length:
+            raise AssertionError(f"row {i}: {len(seq)} tokens > {length}")
+        tokens[i, : len(seq)] = seq
+        mask[i, : len(seq)] = True
+        loss[i, len(p) : len(seq)] = True
+    return _Seqs(tokens, mask, loss)
+
+
+class OnlineRun:
+    """One online run in ``cfg.run.output_dir``; :meth:`run` does (or resumes) all of it."""
+
+    def __init__(self, cfg: RunConfig, *, log=print, with_judge: bool = True):
+        self.cfg = cfg
+        self.log = log
+        self.out = Path(cfg.run.output_dir)
+        self.progress = cfg.run.progress
+        self.model_cfg: ModelConfig = cfg.model_config_obj()
+        self.tok = build_tokenizer(cfg)
+        if self.tok.vocab_size > self.model_cfg.vocab_size:
+            raise ConfigError(f"model.vocab_size: {self.model_cfg.vocab_size} is smaller than the "
+                              f"tokenizer's {self.tok.vocab_size} tokens")
+        self.eos = self.tok.eos_id
+        self.pad = self.tok.pad_id
+        # Built before any work: a bad judge spec (import, env var, checkpoint) fails at once.
+        self.judge = build_judge(cfg, self.model_cfg, self.tok) if with_judge else None
+        self.mesh = make_mesh(cfg.mesh)
+        self.prompts = PromptSet(cfg, self.tok, self.out)
+        self.key = jax.random.key(cfg.run.seed)
+        self.params_sharding = params_shardings_for(self.model_cfg, self.mesh)
+        self.metrics: MetricsWriter | None = None
+        self._ref_fn = None
+        self._eval_set: list[dict[str, Any]] | None = None
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _iter_dir(self, t: int) -> Path:
+        return self.out / f"iter_{t:02d}"
+
+    def _policy_dir(self, t: int) -> Path:
+        return self.out / "policy" / f"iter_{t:02d}"
+
+    def _abstract_params(self):
+        shapes = jax.eval_shape(lambda k: init_params(self.model_cfg, k), jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, self.params_sharding)
+
+    def _load_policy(self, t: int):
+        return load_params(self._policy_dir(t), self._abstract_params())
+
+    def _check_preempt(self, flag: _SigtermFlag) -> None:
+        if flag.raised:
+            raise Preempted()
+
+    def _prepare_out_dir(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state_path = self.out / "run.json"
+        digest = _config_digest(self.cfg)
+        if state_path.exists():
+            state = read_json(state_path)
+            if state.get("config_digest") != digest:
+                raise ConfigError(f"run.output_dir: {self.out} holds a run with different settings; "
+                                  "use a new output_dir (or the same config to resume)")
+            return state
+        state = {"config_digest": digest, "completed_iterations": -1}
+        write_json(self.out / "config.json", self.cfg.model_dump(mode="json"))
+        write_json(state_path, state)
+        return state
+
+    def _set_state(self, **kw) -> None:
+        path = self.out / "run.json"
+        state = read_json(path)
+        state.update(kw)
+        write_json(path, state)
+
+    # ------------------------------------------------------------------------------------- run
+    def run(self) -> int:
+        """Run or resume; returns 0 (done or preempted cleanly)."""
+        state = self._prepare_out_dir()
+        self.metrics = MetricsWriter(self.out, tensorboard=self.cfg.run.tensorboard)
+        self._eval_set = self.prompts.evaluation()
+        try:
+            with _SigtermFlag() as flag:
+                if state["completed_iterations"] < 0:
+                    self._truncate_metrics(0)
+                    self._iteration_zero(flag)
+                    self._set_state(completed_iterations=0)
+                for t in range(max(1, read_json(self.out / "run.json")["completed_iterations"] + 1),
+                               self.cfg.online.iterations + 1):
+                    self._truncate_metrics(t)
+                    self._iteration(t, flag)
+                    self._set_state(completed_iterations=t)
+        except Preempted:
+            self.log(f"SIGTERM: state saved in {self.out}; run the same command to resume")
+            self.metrics.close()
+            return 0
+        self.metrics.close()
+        records = self.metrics.read("iteration")
+        plot_iterations(records, self.out / "metrics.png")
+        self.log(format_table(records))
+        self.log(f"metrics: {self.metrics.path}  plot: {self.out / 'metrics.png'}")
+        return 0
+
+    def run_sft_only(self) -> int:
+        """Only the warm start: writes policy/iter_00 and its evaluation."""
+        self._prepare_out_dir()
+        self.metrics = MetricsWriter(self.out, tensorboard=self.cfg.run.tensorboard)
+        self._eval_set = self.prompts.evaluation()
+        try:
+            with _SigtermFlag() as flag:
+                self._truncate_metrics(0)
+                self._iteration_zero(flag)
+                self._set_state(completed_iterations=max(0, read_json(self.out / "run.json")["completed_iterations"]))
+        except Preempted:
+            self.log(f"SIGTERM: state saved in {self.out}; run the same command to resume")
+            return 0
+        finally:
+            self.metrics.close()
+        self.log(format_table(self.metrics.read("iteration")))
+        return 0
+
+    def run_offline(self) -> int:
+        """Offline preference training: one 'iteration' whose pairs are the dataset's (chosen,
+        rejected) responses; y_ref is the start policy's greedy response (SELM / XPO)."""
+        self._prepare_out_dir()
+        self.metrics = MetricsWriter(self.out, tensorboard=self.cfg.run.tensorboard)
+        self._eval_set = self.prompts.evaluation()
+        t = 1
+        d = self._iter_dir(t)
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            with _SigtermFlag() as flag:
+                if read_json(self.out / "run.json")["completed_iterations"] < 0:
+                    self._truncate_metrics(0)
+                    self._iteration_zero(flag)
+                    self._set_state(completed_iterations=0)
+                self._truncate_metrics(t)
+                recs = [r for r in self.prompts.iteration_all() if r.get("chosen") and r.get("rejected")]
+                if not recs:
+                    raise DataError(f"{self.cfg.data.prompts_path}: no rows with both chosen and rejected")
+                ref_params = self._load_policy(0)
+                if not self._policy_dir(t).exists():
+                    if not (d / "generate.safetensors").exists():
+                        out = self._gen(ref_params, [r["prompt_ids"] for r in recs],
+                                        key=jax.random.fold_in(self.key, 11), n=1, greedy=True,
+                                        temperature=1.0, flag=flag, desc="y_ref (greedy)")
+                        write_arrays(d / "generate.safetensors", out)
+                    if not (d / "judge.json").exists():
+                        pairs = [{"prompt_index": i, "chosen": _text_of(r["chosen"]),
+                                  "rejected": _text_of(r["rejected"]), "refresp": i,
+                                  "chosen_score": 1.0, "rejected_score": 0.0} for i, r in enumerate(recs)]
+                        write_json(d / "judge.json", {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
+                    if not (d / "reference.safetensors").exists():
+                        self._reference_phase(t, recs, ref_params)
+                    params = self._train_phase(t, ref_params, flag, recs=recs)
+                    save_params(self._policy_dir(t), params, overwrite=True)
+                self._evaluate(t, self._load_policy(t), ref_params, flag)
+                self._set_state(completed_iterations=t)
+        except Preempted:
+            self.log(f"SIGTERM: state saved in {self.out}; run the same command to resume")
+            return 0
+        finally:
+            self.metrics.close()
+        self.log(format_table(self.metrics.read("iteration")))
+        return 0
+
+    def _truncate_metrics(self, t: int) -> None:
+        """Drop metrics of iteration >= t that are recomputed; keep train steps before the last
+        checkpoint of iteration t (they are not recomputed)."""
+        ckpt_step = self._latest_train_ckpt(t)
+
+        def keep(rec):
+            it = rec.get("iteration", 0)
+            if it < t:
+                return True
+            if it > t:
+                return False
+            if rec.get("kind") in ("train", "sft") and ckpt_step is not None:
+                return rec.get("iter_step", 0) <= ckpt_step
+            return False
+
+        self.metrics.truncate(keep)
+
+    def _latest_train_ckpt(self, t: int) -> int | None:
+        d = (self.out / "sft" / "ckpt") if t == 0 else (self._iter_dir(t) / "ckpt")
+        if not d.is_dir() or (self._policy_dir(t)).exists():
+            return None
+        with Checkpointer(d, create=False) as ck:
+            return ck.latest_step()
+
+    # --------------------------------------------------------------------------- iteration 0
+    def _iteration_zero(self, flag: _SigtermFlag) -> None:
+        if not self._policy_dir(0).exists():
+            params = self._initial_params()
+            if self.cfg.sft.steps > 0:
+                params = self._sft(params, flag)
+            save_params(self._policy_dir(0), params, overwrite=True)
+        self._evaluate(0, self._load_policy(0), None, flag)
+
+    def _initial_params(self):
+        path = self.cfg.init.checkpoint
+        if path is None:
+            init = jax.jit(lambda k: init_params(self.model_cfg, k), out_shardings=self.params_sharding)
+            return init(jax.random.fold_in(self.key, 0))
+        if (Path(path) / "config.json").is_file():
+            from jaxselm.hf import load_hf_checkpoint
+
+            hf_cfg, params = load_hf_checkpoint(path)
+            if hf_cfg.model_dump(exclude={"dtype", "param_dtype", "cope_impl", "remat"}) != \
+                    self.model_cfg.model_dump(exclude={"dtype", "param_dtype", "cope_impl", "remat"}):
+                raise ConfigError(f"init.checkpoint: {path}/config.json does not match the model "
+                                  "section of the run config")
+            return jax.device_put(params, self.params_sharding)
+        return load_params(path, self._abstract_params())
+
+    def _sft(self, params, flag: _SigtermFlag):
+        cfg, sft = self.cfg, self.cfg.sft
+        demos = self.prompts.demonstrations()
+        length = bucket_length(max(len(d["prompt_ids"]) + len(d["response_ids"]) for d in demos), multiple=8)
+        seqs = _pack([d["prompt_ids"] for d in demos], [d["response_ids"] for d in demos], length, self.pad)
+        opt_cfg = cfg.train.optimizer.replace(learning_rate=sft.learning_rate, total_steps=sft.steps)
+        train_cfg = cfg.train.replace(optimizer=opt_cfg)
+        tx = make_optimizer(opt_cfg)
+        step_fn = make_sft_step(self.model_cfg, train_cfg, tx, self.mesh)
+        ckpt_dir = self.out / "sft" / "ckpt"
+        with Checkpointer(ckpt_dir, max_to_keep=2, async_save=cfg.run.async_checkpoints) as ck:
+            start = ck.latest_step()
+            if start is None:
+                state = jax.device_put(create_train_state(params, tx),
+                                       abstract_sharding(abstract_train_state(self.model_cfg, tx, self.mesh)))
+                start = 0
+            else:
+                state, _ = ck.restore(abstract_train_state(self.model_cfg, tx, self.mesh), step=start)
+            rng = np.random.default_rng([cfg.run.seed, 0x5F7])
+            n = len(demos)
+            order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(sft.steps * sft.batch_size / n) + 1)])
+            bar = _progress(range(start, sft.steps), total=sft.steps - start, desc="sft", enabled=self.progress)
+            for s in bar:
+                rows = order[s * sft.batch_size : (s + 1) * sft.batch_size]
+                batch = {"tokens": seqs.tokens[rows], "mask": seqs.mask[rows], "loss_mask": seqs.loss_mask[rows]}
+                state, m = step_fn(state, batch)
+                if (s + 1) % 25 == 0 or s + 1 == sft.steps:
+                    self.metrics.write("sft", s + 1, jax.device_get(m), iteration=0, iter_step=s + 1)
+                fault_point(f"sft/step{s + 1}")
+                if flag.raised or (s + 1) % cfg.online.checkpoint_every == 0:
+                    ck.save(state, step=s + 1, metadata={"phase": "sft"})
+                    if flag.raised:
+                        ck.wait()
+                        raise Preempted()
+            return state.params
+
+    # ------------------------------------------------------------------------------ iteration
+    def _iteration(self, t: int, flag: _SigtermFlag) -> None:
+        d = self._iter_dir(t)
+        d.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        recs = self.prompts.iteration(t)
+        ref_params = None
+        if not self._policy_dir(t).exists():
+            ref_params = self._load_policy(t - 1)  # pi_ref: the iteration-start policy
+            if not (d / "generate.safetensors").exists():
+                self._generate_phase(t, recs, ref_params, flag)
+            if not (d / "judge.json").exists():
+                self._judge_phase(t, recs)
+            if not (d / "reference.safetensors").exists():
+                self._reference_phase(t, recs, ref_params)
+            params = self._train_phase(t, ref_params, flag)
+            save_params(self._policy_dir(t), params, overwrite=True)
+            fault_point(f"iter{t}/saved")
+        if ref_params is None:
+            ref_params = self._load_policy(t - 1)
+        self._evaluate(t, self._load_policy(t), ref_params, flag)
+        self.log(f"iteration {t} done in {time.time() - t0:.1f}s")
+
+    def _gen(self, params, prompt_ids: list[list[int]], *, key, n: int, greedy: bool, temperature: float,
+             flag: _SigtermFlag | None, desc: str) -> dict[str, np.ndarray]:
+        """generate() over fixed-size batches (the last one padded by repetition)."""
+        o = self.cfg.online
+        bs = min(o.generation_batch_size, len(prompt_ids))
+        out: dict[str, list[np.ndarray]] = {"tokens": [], "lengths": [], "finish": [], "logprobs": []}
+        length = bucket_length(max(len(p) for p in prompt_ids), min_length=8)
+        nb = math.ceil(len(prompt_ids) / bs)
+        for b in _progress(range(nb), total=nb, desc=desc, enabled=self.progress):
+            chunk = prompt_ids[b * bs : (b + 1) * bs]
+            real = len(chunk)
+            chunk = chunk + [chunk[-1]] * (bs - real)
+            toks = np.full((bs, length), self.pad, np.int32)
+            mask = np.zeros((bs, length), bool)
+            for i, p in enumerate(chunk):
+                toks[i, length - len(p):] = p
+                mask[i, length - len(p):] = True
+            res = generate(params, self.model_cfg, toks, mask, rng=jax.random.fold_in(key, b),
+                           max_new_tokens=o.max_new_tokens, n=n, greedy=greedy, temperature=temperature,
+                           top_k=0 if greedy else o.top_k, top_p=1.0 if greedy else o.top_p,
+                           min_p=0.0 if greedy else o.min_p,
+                           stop_token_ids=() if self.eos is None else (self.eos,), pad_id=self.pad,
+                           mesh=self.mesh)
+            res = jax.device_get(res)
+            out["tokens"].append(np.asarray(res.tokens)[:real])
+            out["lengths"].append(np.asarray(res.lengths)[:real])
+            out["finish"].append(np.asarray(res.finish_reason)[:real])
+            out["logprobs"].append(np.asarray(res.logprobs)[:real])
+            if flag is not None:
+                self._check_preempt(flag)
+        return {k: np.concatenate(v) for k, v in out.items()}
+
+    def _responses(self, tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+        """Token ids of each generated response (stop token included)."""
+        return [list(map(int, tokens[i, : lengths[i]])) for i in range(tokens.shape[0])]
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def _generate_phase(self, t: int, recs, params, flag) -> None:
+        o = self.cfg.online
+        key = jax.random.fold_in(jax.random.fold_in(self.key, t), 1)
+        out = self._gen(params, [r["prompt_ids"] for r in recs], key=key, n=o.samples_per_prompt,
+                        greedy=o.greedy, temperature=o.temperature, flag=flag, desc=f"iter {t} generate")
+        fault_point(f"iter{t}/generate")
+        write_arrays(self._iter_dir(t) / "generate.safetensors", out)
+
+    def _judge_phase(self, t: int, recs) -> None:
+        o = self.cfg.online
+        gen = read_arrays(self._iter_dir(t) / "generate.safetensors")
+        p, n, m = gen["tokens"].shape
+        flat_tokens = gen["tokens"].reshape(p * n, m)
+        flat_len = gen["lengths"].reshape(p * n)
+        responses = self._responses(flat_tokens, flat_len)
+        texts = [self._text(r) for r in responses]
+        prompts = [r["prompt"] for r in recs for _ in range(n)]
+        self.judge.reset_stats()
+        scores = np.full(p * n, np.nan)
+        chunk = 256
+        for s in _progress(range(0, p * n, chunk), total=math.ceil(p * n / chunk),
+                           desc=f"iter {t} judge", enabled=self.progress):
+            scores[s : s + chunk] = self.judge.score(prompts[s : s + chunk], texts[s : s + chunk])
+        fault_point(f"iter{t}/judge")
+        scores = scores.reshape(p, n)
+        ds_chosen = ds_rejected = None
+        ds_scores = None
+        if o.include_dataset_responses and recs and "chosen" in recs[0]:
+            ds_chosen = [str(r.get("chosen") or "") for r in recs]
+            ds_rejected = [str(r.get("rejected") or "") for r in recs]
+            ds = self.judge.score([r["prompt"] for r in recs] * 2, ds_chosen + ds_rejected)
+            ds_scores = np.stack([ds[:p], ds[p:]], axis=1)
+        eos_flags = (gen["finish"] == 0)
+        rng = np.random.default_rng([self.cfg.run.seed, t, 0xFA1])
+        pairs, stats = build_pairs(
+            [r["prompt"] for r in recs], [[i * n + j for j in range(n)] for i in range(p)], scores,
+            dataset_chosen=ds_chosen, dataset_rejected=ds_rejected, dataset_scores=ds_scores,
+            min_margin=o.min_margin, no_eos_penalty=o.no_eos_penalty, eos_flags=eos_flags,
+            refresp_choice=o.refresp, rng=rng,
+        )
+        sample_ids = [responses[i] for i in range(p * n)]
+        stats = {**stats, "distinct_1": distinct_n(sample_ids, 1), "distinct_2": distinct_n(sample_ids, 2),
+                 "sample_length": float(np.mean(flat_len)),
+                 "eos_rate": float(np.mean(eos_flags)),
+                 **{f"judge_{k}": v for k, v in self.judge.stats().items()}}
+        write_json(self._iter_dir(t) / "judge.json", {
+            "scores": np.where(np.isnan(scores), None, scores).tolist(),
+            "pairs": [pair_to_json(x) for x in pairs],
+            "stats": stats,
+        })
+
+    def _pair_sequences(self, t: int, recs) -> tuple[_Seqs, _Seqs, _Seqs, int]:
+        gen = read_arrays(self._iter_dir(t) / "generate.safetensors")
+        p, n, m = gen["tokens"].shape
+        flat = self._responses(gen["tokens"].reshape(p * n, m), gen["lengths"].reshape(p * n))
+        pairs = read_json(self._iter_dir(t) / "judge.json")["pairs"]
+
+        def ids(ref) -> list[int]:
+            if isinstance(ref, int):
+                return flat[ref]
+            return self.prompts.encode_response(ref)  # a dataset response (text)
+
+        prompts = [recs[x["prompt_index"]]["prompt_ids"] for x in pairs]
+        chosen = [ids(x["chosen"]) for x in pairs]
+        rejected = [ids(x["rejected"]) for x in pairs]
+        refresp = [ids(x["refresp"]) for x in pairs]
+        longest = max((len(a) + max(len(b), len(c), len(d)) for a, b, c, d in zip(prompts, chosen, rejected, refresp)),
+                      default=1)
+        length = bucket_length(longest, multiple=8)
+        return (_pack(prompts, chosen, length, self.pad), _pack(prompts, rejected, length, self.pad),
+                _pack(prompts, refresp, length, self.pad), len(pairs))
+
+    def _batch_rows(self, seqs: tuple[_Seqs, _Seqs, _Seqs], rows: np.ndarray) -> dict[str, np.ndarray]:
+        batch = {}
+        for name, s in zip(("chosen", "rejected", "refresp"), seqs):
+            batch[f"{name}_tokens"] = s.tokens[rows]
+            batch[f"{name}_mask"] = s.mask[rows]
+            batch[f"{name}_loss_mask"] = s.loss_mask[rows]
+        return batch
+
+    def _reference_fn(self):
+        if self._ref_fn is None:
+            self._ref_fn = make_reference_fn(self.model_cfg, self.mesh)
+        return self._ref_fn
+
+    def _reference_phase(self, t: int, recs, ref_params) -> None:
+        *seqs, npairs = self._pair_sequences(t, recs)
+        bs = self.cfg.online.batch_size
+        out = {f"ref_{k}_logps": np.zeros(npairs, np.float32) for k in ("chosen", "rejected", "refresp")}
+        fn = self._reference_fn()
+        for s in range(0, npairs, bs):
+            rows = np.arange(s, s + bs) % npairs  # fixed batch shape; wrapped rows are discarded
+            res = jax.device_get(fn(ref_params, self._batch_rows(seqs, rows)))
+            real = min(bs, npairs - s)
+            for k in out:
+                out[k][s : s + real] = np.asarray(res[k])[:real]
+        write_arrays(self._iter_dir(t) / "reference.safetensors", out)
+
+    def _train_phase(self, t: int, start_params, flag: _SigtermFlag, recs=None):
+        cfg, o = self.cfg, self.cfg.online
+        recs = self.prompts.iteration(t) if recs is None else recs
+        *seqs, npairs = self._pair_sequences(t, recs)
+        if npairs == 0:
+            self.log(f"iteration {t}: no preference pairs (all ties?) - policy unchanged")
+            return start_params
+        ref = read_arrays(self._iter_dir(t) / "reference.safetensors")
+        bs = o.batch_size
+        steps_per_epoch = math.ceil(npairs / bs)
+        total = steps_per_epoch * o.epochs
+        rng = np.random.default_rng([cfg.run.seed, t, 0x7A1])
+        order = np.concatenate([np.resize(rng.permutation(npairs), steps_per_epoch * bs) for _ in range(o.epochs)])
+        opt_cfg = cfg.train.optimizer.replace(learning_rate=o.learning_rate(t), total_steps=total)
+        train_cfg = cfg.train.replace(optimizer=opt_cfg, alpha=o.alpha(t, cfg.train.alpha))
+        tx = make_optimizer(opt_cfg)
+        step_fn = make_preference_step(self.model_cfg, train_cfg, tx, self.mesh)
+        needed = responses_for(train_cfg.loss)
+        with Checkpointer(self._iter_dir(t) / "ckpt", max_to_keep=2,
+                          async_save=cfg.run.async_checkpoints) as ck:
+            start = ck.latest_step()
+            target = abstract_train_state(self.model_cfg, tx, self.mesh)
+            if start is None:
+                # A copy: the step donates its state, and start_params (pi_ref) is used again.
+                fresh = jax.tree.map(jnp.copy, start_params)
+                state = jax.device_put(create_train_state(fresh, tx), abstract_sharding(target))
+                start = 0
+            else:
+                state, _ = ck.restore(target, step=start)
+            for s in _progress(range(start, total), total=total - start, desc=f"iter {t} train",
+                               enabled=self.progress):
+                rows = order[s * bs : (s + 1) * bs]
+                batch = self._batch_rows(seqs, rows)
+                batch = {k: v for k, v in batch.items() if k.split("_")[0] in needed}
+                for name in needed:
+                    batch[f"ref_{name}_logps"] = ref[f"ref_{name}_logps"][rows]
+                state, m = step_fn(state, batch)
+                self.metrics.write("train", s + 1, jax.device_get(m), iteration=t, iter_step=s + 1)
+                fault_point(f"iter{t}/train/step{s + 1}")
+                if flag.raised or (s + 1) % o.checkpoint_every == 0:
+                    ck.save(state, step=s + 1, metadata={"iteration": t, "phase": "train"})
+                    if flag.raised:
+                        ck.wait()
+                        raise Preempted()
+            return state.params
+
+    # ---------------------------------------------------------------------------- evaluation
+    def _evaluate(self, t: int, params, ref_params, flag: _SigtermFlag) -> None:
+        """Greedy responses on held-out prompts: judge reward, accuracy, win rate vs t-1; KL to
+        pi_ref from temperature-1 samples; diversity and length; training summaries."""
+        path = self._iter_dir(t) / "eval.json"
+        if path.exists():  # done before a kill: re-emit its metrics record (truncated on resume)
+            self.metrics.write("iteration", t, read_json(path)["metrics"], iteration=t)
+            return
+        recs = self._eval_set
+        prompt_ids = [r["prompt_ids"] for r in recs]
+        prompts = [r["prompt"] for r in recs]
+        key = jax.random.fold_in(jax.random.fold_in(self.key, t), 2)
+        greedy = self._gen(params, prompt_ids, key=key, n=1, greedy=True, temperature=1.0, flag=None,
+                           desc=f"iter {t} eval")
+        resp = self._responses(greedy["tokens"][:, 0], greedy["lengths"][:, 0])
+        texts = [self._text(r) for r in resp]
+        scores = self.judge.score(prompts, texts)
+        row: dict[str, Any] = {
+            "eval/reward": float(np.nanmean(scores)) if np.isfinite(scores).any() else None,
+            "eval/accuracy": float(np.mean(scores >= 1.0 - 1e-9)),
+            "eval/length": float(np.mean([len(r) for r in resp])),
+            "eval/distinct_2": distinct_n(resp, 2),
+        }
+        # One temperature-1 sample per prompt: the policy's own distribution (what the preference
+        # updates move), its accuracy, and KL(pi || pi_ref) ~ E_y~pi[log pi(y|x) - log pi_ref(y|x)].
+        sampled = self._gen(params, prompt_ids, key=jax.random.fold_in(key, 1), n=1, greedy=False,
+                            temperature=1.0, flag=None, desc=f"iter {t} sample")
+        s_resp = self._responses(sampled["tokens"][:, 0], sampled["lengths"][:, 0])
+        s_scores = self.judge.score(prompts, [self._text(r) for r in s_resp])
+        row["eval/sample_reward"] = float(np.nanmean(s_scores)) if np.isfinite(s_scores).any() else None
+        row["eval/sample_accuracy"] = float(np.mean(s_scores >= 1.0 - 1e-9))
+        if t > 0:
+            prev = read_json(self._iter_dir(t - 1) / "eval.json")["responses"]
+            wins = self.judge.compare_batch(prompts, texts, prev)
+            row["eval/win_rate"] = float(np.nanmean(wins)) if np.isfinite(wins).any() else None
+            logp_pol = sampled["logprobs"][:, 0].sum(-1)
+            logp_ref = self._sequence_logps(ref_params, prompt_ids, s_resp)
+            row["eval/kl"] = float(np.mean(logp_pol - logp_ref))
+            judge = read_json(self._iter_dir(t) / "judge.json")["stats"]
+            row.update({f"samples/{k}": v for k, v in judge.items() if isinstance(v, (int, float))})
+            train = [r for r in self.metrics.read("train") if r.get("iteration") == t]
+            if train:
+                for k in ("loss", "rewards/accuracies", "rewards/margins", "selm/exploration"):
+                    vals = [r[k] for r in train if r.get(k) is not None]
+                    if vals:
+                        row[f"train/{k.replace('/', '_')}"] = float(np.mean(vals))
+        fault_point(f"iter{t}/eval")
+        write_json(path, {"metrics": row, "responses": texts})
+        self.metrics.write("iteration", t, row, iteration=t)
+
+    def _sequence_logps(self, params, prompts: list[list[int]], responses: list[list[int]]) -> np.ndarray:
+        longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
+        seqs = _pack(prompts, responses, bucket_length(longest, multiple=8), self.pad)
+        fn = self._reference_fn()
+        bs = self.cfg.online.batch_size
+        n = len(prompts)
+        out = np.zeros(n, np.float32)
+        for s in range(0, n, bs):
+            rows = np.arange(s, s + bs) % n
+            batch = {}
+            for name in ("chosen", "rejected", "refresp"):
+                batch[f"{name}_tokens"] = seqs.tokens[rows]
+                batch[f"{name}_mask"] = seqs.mask[rows]
+                batch[f"{name}_loss_mask"] = seqs.loss_mask[rows]
+            res = jax.device_get(fn(params, batch))
+            real = min(bs, n - s)
+            out[s : s + real] = np.asarray(res["ref_chosen_logps"])[:real]
+        return out
+
+
+def build_judge(cfg: RunConfig, model_cfg: ModelConfig, tokenizer):
+    """The run's judge; a reward-model judge's checkpoint is loaded here (an HF
+    LlamaForSequenceClassification directory, or a params export from `jaxselm train-rm`, which
+    shares the run's model config)."""
+    jc = parse_judge_config(cfg.judge)
+    if not isinstance(jc, RewardModelJudgeConfig):
+        return make_judge(jc)
+    if jc.checkpoint is None:
+        raise ConfigError("judge.checkpoint: the reward_model judge needs a checkpoint directory")
+    path = Path(jc.checkpoint)
+    if (path / "config.json").is_file():
+        from jaxselm.hf import load_hf_checkpoint
+
+        rm_cfg, params = load_hf_checkpoint(path, head="reward")
+    elif path.is_dir():
+        rm_cfg, params = model_cfg, load_params(path)
+    else:
+        raise ConfigError(f"judge.checkpoint: not found: {path}")
+    return make_judge(jc, params=params, model_config=rm_cfg, tokenizer=tokenizer, pad_id=tokenizer.pad_id)
+
+
+def abstract_sharding(abstract_state):
+    return jax.tree.map(lambda s: s.sharding, abstract_state)
+
+
+def pair_to_json(pair) -> dict[str, Any]:
+    """A pair from build_pairs as JSON: sample references are flat sample indices (ints),
+    dataset responses are their text."""
+    return {
+        "prompt_index": int(pair.prompt_index),
+        "chosen": _ref(pair.chosen),
+        "rejected": _ref(pair.rejected),
+        "refresp": _ref(pair.ref),
+        "chosen_score": float(pair.chosen_score),
+        "rejected_score": float(pair.rejected_score),
+    }
+
+
+def _ref(x):
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    return str(x)
+
+
+_TABLE_COLS = [
+    ("iter", "iteration", "{:>4d}"),
+    ("sample-acc", "eval/sample_accuracy", "{:>10.3f}"),
+    ("greedy-acc", "eval/accuracy", "{:>10.3f}"),
+    ("reward", "eval/sample_reward", "{:>7.3f}"),
+    ("win-rate", "eval/win_rate", "{:>8.3f}"),
+    ("pairs", "samples/n_pairs", "{:>5.0f}"),
+    ("margin", "samples/mean_margin", "{:>6.3f}"),
+    ("loss", "train/loss", "{:>7.4f}"),
+    ("rwd-acc", "train/rewards_accuracies", "{:>7.3f}"),
+    ("KL", "eval/kl", "{:>7.3f}"),
+    ("len", "eval/length", "{:>5.1f}"),
+    ("dist-2", "samples/distinct_2", "{:>6.3f}"),
+]
+# eval/accuracy, eval/reward: greedy responses; eval/sample_*: one temperature-1 sample per prompt.
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """The per-iteration table the CLI prints at the end of a run."""
+    head = " | ".join(name for name, _, _ in _TABLE_COLS)
+    lines = [head, "-" * len(head)]
+    for r in sorted(records, key=lambda r: r["iteration"]):
+        cells = []
+        for name, key, fmt in _TABLE_COLS:
+            v = r.get(key)
+            width = len(name)
+            cells.append(fmt.format(v).rjust(width) if v is not None else "-".rjust(width))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Run metrics: one JSONL file (the source of truth), TensorBoard event files, and a plot.
+
+Only process 0 writes (multi-host runs call every method on every host; the others do nothing).
+JSONL lines are appended and flushed one by one; on resume the lines of steps/iterations that are
+recomputed are dropped first (:meth:`MetricsWriter.truncate`), so the file of a resumed run equals
+that of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+def _clean(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class MetricsWriter:
+    def __init__(self, out_dir: str | os.PathLike, *, tensorboard: bool = True):
+        self.dir = Path(out_dir)
+        self.path = self.dir / "metrics.jsonl"
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        self._want_tb = tensorboard
+        if self.enabled:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _writer(self):
+        if self._tb is None and self._want_tb:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), flush_secs=10)
+        return self._tb
+
+    def truncate(self, keep) -> None:
+        """Drop JSONL records for which ``keep(record)`` is False (used when resuming)."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if keep(rec):
+                kept.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{x}\n" for x in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, kind: str, step: int, values: dict[str, Any], **tags: Any) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "step": int(step), **tags, **{k: _clean(v) for k, v in values.items()}}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+        tb = self._writer()
+        if tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    tb.add_scalar(f"{kind}/{k}", v, int(step))
+
+    def read(self, kind: str | None = None) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or rec.get("kind") == kind:
+                out.append(rec)
+        return out
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def plot_iterations(records: list[dict[str, Any]], path: str | os.PathLike, *, keys=None) -> None:
+    """A PNG with one panel per metric, x = iteration (0 = the starting policy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = keys or ["eval/sample_accuracy", "eval/accuracy", "eval/sample_reward", "eval/win_rate",
+                    "eval/kl"]
+    keys = [k for k in keys if any(r.get(k) is not None for r in records)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

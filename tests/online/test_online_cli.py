@@ -1,0 +1,82 @@
+"""The CLI's error handling: bad configs and judge specs give one line and exit 2 before work."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxselm.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def _run_main(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["online.iteratons=3"], "online.iteratons: unknown key"),
+        (["online.iterations=three"], "online.iterations: Input should be a valid integer"),
+        (["train.alpha=-0.1"], "train.alpha: must be >= 0"),
+        (["model.num_kv_heads=3"], "model.num_kv_heads: 3 does not divide"),
+        (["online.learning_rates=[1e-3]"], "online.learning_rates: 1 values for 3 iterations"),
+        (["judge.kind=gpt"], "judge.kind: unknown judge kind 'gpt'"),
+        (["judge.function=no_such_module_xyz:score"], "no_such_module_xyz"),
+        (["judge.function=jaxselm.data.tasks:no_such_fn"], "no_such_fn"),
+        (["judge.function=not a spec"], "judge.function"),
+        (["data.source=prompts", "data.prompts_path=/nonexistent.jsonl", "data.tokenizer=builtin:bytes"],
+         "/nonexistent.jsonl"),
+    ],
+)
+def test_bad_config_one_line_exit_2_before_work(tmp_path, capsys, overrides, needle):
+    out = tmp_path / "run"
+    code, err = _run_main(capsys, ["online", "--config", str(DEMO), f"run.output_dir={out}", *overrides])
+    assert code == 2
+    assert needle in err, err
+    assert len(err.splitlines()) == 1, err
+    assert not (out / "policy").exists()  # nothing started
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = _run_main(capsys, ["online", "--config", str(tmp_path / "nope.yaml")])
+    assert code == 2 and "nope.yaml: config file not found" in err and len(err.splitlines()) == 1
+
+
+def test_bad_yaml_names_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  seed: 1\n online: [\n")
+    code, err = _run_main(capsys, ["online", "--config", str(bad)])
+    assert code == 2 and "bad.yaml" in err and len(err.splitlines()) == 1
+
+
+def test_llm_judge_without_api_key_env(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("JAXSELM_TEST_KEY", raising=False)
+    cfg = tmp_path / "llm.yaml"
+    cfg.write_text(DEMO.read_text().replace(
+        "judge:\n  kind: programmatic\n  function: jaxselm.data.tasks:score",
+        "judge:\n  kind: llm\n  base_url: http://127.0.0.1:9/v1\n  model: m\n  api_key_env: JAXSELM_TEST_KEY"))
+    assert "kind: llm" in cfg.read_text()
+    code, err = _run_main(capsys, ["online", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}"])
+    assert code == 2 and "JAXSELM_TEST_KEY" in err and len(err.splitlines()) == 1
+
+
+def test_usage_errors_exit_2(capsys):
+    assert main(["online"]) == 2
+    assert "--config" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+    assert main(["online", "--config", str(DEMO), "not-an-override"]) == 2
+
+
+@pytest.mark.parametrize("cmd", ["online", "sft", "train", "train-rm", "generate", "eval", "convert"])
+def test_help_everywhere(cmd):
+    res = subprocess.run([sys.executable, "-m", "jaxselm", cmd, "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "usage: jaxselm" in res.stdout
