@@ -622,13 +622,17 @@ class OnlineRun:
         sampled = self._gen(params, prompt_ids, key=jax.random.fold_in(key, 1), n=1, greedy=False,
                             temperature=1.0, flag=None, desc=f"iter {t} sample")
         s_resp = self._responses(sampled["tokens"][:, 0], sampled["lengths"][:, 0])
-        s_scores = self.judge.score(prompts, [self._text(r) for r in s_resp])
+        s_texts = [self._text(r) for r in s_resp]
+        s_scores = self.judge.score(prompts, s_texts)
         row["eval/sample_reward"] = float(np.nanmean(s_scores)) if np.isfinite(s_scores).any() else None
         row["eval/sample_accuracy"] = float(np.mean(s_scores >= 1.0 - 1e-9))
-        if t > 0:
-            prev = read_json(self._iter_dir(t - 1) / "eval.json")["responses"]
-            wins = self.judge.compare_batch(prompts, texts, prev)
-            row["eval/win_rate"] = float(np.nanmean(wins)) if np.isfinite(wins).any() else None
+        if t > 0:  # against the previous iteration's policy, on the same prompts
+            prev = read_json(self._iter_dir(t - 1) / "eval.json")
+            for key_, cur, old in (("eval/win_rate", texts, prev["responses"]),
+                                   ("eval/sample_win_rate", s_texts, prev.get("sampled_responses"))):
+                if old is not None:
+                    wins = self.judge.compare_batch(prompts, cur, old)
+                    row[key_] = float(np.nanmean(wins)) if np.isfinite(wins).any() else None
             logp_pol = sampled["logprobs"][:, 0].sum(-1)
             logp_ref = self._sequence_logps(ref_params, prompt_ids, s_resp)
             row["eval/kl"] = float(np.mean(logp_pol - logp_ref))
@@ -641,7 +645,7 @@ class OnlineRun:
                     if vals:
                         row[f"train/{k.replace('/', '_')}"] = float(np.mean(vals))
         fault_point(f"iter{t}/eval")
-        write_json(path, {"metrics": row, "responses": texts})
+        write_json(path, {"metrics": row, "responses": texts, "sampled_responses": s_texts})
         self.metrics.write("iteration", t, row, iteration=t)
 
     def _sequence_logps(self, params, prompts: list[list[int]], responses: list[list[int]]) -> np.ndarray:
@@ -713,7 +717,7 @@ _TABLE_COLS = [
     ("sample-acc", "eval/sample_accuracy", "{:>10.3f}"),
     ("greedy-acc", "eval/accuracy", "{:>10.3f}"),
     ("reward", "eval/sample_reward", "{:>7.3f}"),
-    ("win-rate", "eval/win_rate", "{:>8.3f}"),
+    ("win-rate", "eval/sample_win_rate", "{:>8.3f}"),
     ("pairs", "samples/n_pairs", "{:>5.0f}"),
     ("margin", "samples/mean_margin", "{:>6.3f}"),
     ("loss", "train/loss", "{:>7.4f}"),
@@ -722,7 +726,8 @@ _TABLE_COLS = [
     ("len", "eval/length", "{:>5.1f}"),
     ("dist-2", "samples/distinct_2", "{:>6.3f}"),
 ]
-# eval/accuracy, eval/reward: greedy responses; eval/sample_*: one temperature-1 sample per prompt.
+# eval/accuracy, eval/reward, eval/win_rate: greedy responses; eval/sample_*: one temperature-1
+# sample per prompt (the policy's distribution). Win rates are against the previous iteration.
 
 
 def format_table(records: list[dict[str, Any]]) -> str:

@@ -97,8 +97,8 @@ def plot_iterations(records: list[dict[str, Any]], path: str | os.PathLike, *, k
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = keys or ["eval/sample_accuracy", "eval/accuracy", "eval/sample_reward", "eval/win_rate",
-                    "eval/kl"]
+    keys = keys or ["eval/sample_accuracy", "eval/accuracy", "eval/sample_reward",
+                    "eval/sample_win_rate", "eval/kl"]
     keys = [k for k in keys if any(r.get(k) is not None for r in records)]
     if not keys:
         return
