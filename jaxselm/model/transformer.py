@@ -132,11 +132,15 @@ class Attention(nn.Module):
         new_cache = None
         q_offset = None
         if layer_cache is not None:
-            ck, cv = layer_cache
-            ck = jax.lax.dynamic_update_slice(ck, key.astype(ck.dtype), (0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, val.astype(cv.dtype), (0, cache_index, 0, 0))
-            new_cache = (ck, cv)
-            key, val, q_offset = ck.astype(dt), cv.astype(dt), cache_index
+            # The whole [L, B, S, K, D] cache travels in the scan carry and this layer writes its
+            # slice in place (a per-layer scan input/output would copy the cache every step).
+            ck, cv, li = layer_cache
+            ck = jax.lax.dynamic_update_slice(ck, key.astype(ck.dtype)[None], (li, 0, cache_index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, val.astype(cv.dtype)[None], (li, 0, cache_index, 0, 0))
+            new_cache = (ck, cv, li + 1)
+            key = jax.lax.dynamic_index_in_dim(ck, li, axis=0, keepdims=False).astype(dt)
+            val = jax.lax.dynamic_index_in_dim(cv, li, axis=0, keepdims=False).astype(dt)
+            q_offset = cache_index
 
         if cfg.uses_cope:
             if cfg.cope_shared_across_layers:
@@ -173,7 +177,8 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, kv_mask, cache_index, shared_pos_emb):
+    def __call__(self, carry, positions, kv_mask, cache_index, shared_pos_emb):
+        x, layer_cache = carry
         cfg = self.config
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x)
@@ -183,7 +188,7 @@ class Block(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x)
         x = x + MLP(cfg, name="mlp")(h)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, new_cache
+        return (x, new_cache), None
 
 
 class Transformer(nn.Module):
@@ -214,7 +219,7 @@ class Transformer(nn.Module):
         else:
             cache_index = cache.index
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache_index))
-            layer_caches = (cache.k, cache.v)
+            layer_caches = (cache.k, cache.v, jnp.zeros((), jnp.int32))
             base_pos = cache.next_pos[:, None]
         if positions is None:
             positions = base_pos + jnp.maximum(counts, 0)
@@ -235,11 +240,11 @@ class Transformer(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        x, new_layer_caches = layers(x, layer_caches, positions, kv_mask, cache_index, shared_pos_emb)
+        (x, new_layer_caches), _ = layers((x, layer_caches), positions, kv_mask, cache_index, shared_pos_emb)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
 
         if return_hidden:
