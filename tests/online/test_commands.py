@@ -1,0 +1,123 @@
+"""The other subcommands end to end on tiny models: sft, generate, eval, convert (both ways),
+offline train and train-rm on a preference file."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxselm.cli import main
+
+TASK_CFG = """
+run: {{output_dir: {out}, seed: 0, progress: false}}
+model: {{preset: tiny}}
+data:
+  source: task
+  task: sort
+  task_settings: {{min_items: 2, max_items: 3, max_value: 4}}
+  num_eval_prompts: 8
+sft: {{steps: 6, batch_size: 8, learning_rate: 3.0e-3, demonstrations: 32}}
+online: {{max_new_tokens: 4, generation_batch_size: 8, batch_size: 4}}
+judge: {{kind: programmatic, function: "jaxselm.data.tasks:score"}}
+mesh: {{data: -1}}
+"""
+
+PREF_CFG = """
+run: {{output_dir: {out}, seed: 0, progress: false}}
+model: {{preset: tiny, vocab_size: 260}}
+data:
+  source: prompts
+  prompts_path: {prefs}
+  tokenizer: "builtin:bytes"
+  num_eval_prompts: 4
+online:
+  iterations: 1
+  max_new_tokens: 4
+  generation_batch_size: 8
+  batch_size: 4
+  learning_rates: 1.0e-3
+train: {{loss: selm, beta: 0.1, alpha: 1.0e-3}}
+judge: {{kind: programmatic, function: "prefs_judge:score"}}
+mesh: {{data: -1}}
+"""
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cmds")
+    cfg = tmp / "task.yaml"
+    cfg.write_text(TASK_CFG.format(out=tmp / "run"))
+    assert main(["sft", "--config", str(cfg)]) == 0
+    return tmp, cfg
+
+
+@pytest.mark.slow
+def test_sft_generate_eval(sft_run, capsys):
+    tmp, cfg = sft_run
+    policy = tmp / "run" / "policy" / "iter_00"
+    assert policy.is_dir() and (tmp / "run" / "iter_00" / "eval.json").is_file()
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text('{"prompt": "sort 3 1 ="}\n{"prompt": "sort 4 0 2 ="}\n')
+    out = tmp / "gen.jsonl"
+    assert main(["generate", "--config", str(cfg), "--checkpoint", str(policy), "--prompts", str(prompts),
+                 "--output", str(out), "--greedy"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["sort 3 1 =", "sort 4 0 2 ="] and all("response" in r for r in rows)
+    alpaca = tmp / "alpaca.json"
+    capsys.readouterr()
+    assert main(["eval", "--config", str(cfg), "--checkpoint", str(policy), "--baseline", str(policy),
+                 "--alpaca-eval", str(alpaca)]) == 0
+    result = json.loads(capsys.readouterr().out.split("\nwrote")[0])
+    assert result["win_rate"] == pytest.approx(0.5)  # a model against itself: all ties
+    assert len(json.loads(alpaca.read_text())) == 8
+    bad = tmp / "bad.jsonl"
+    bad.write_text('{"prompt": "sort 1 ="}\nnot json\n')
+    assert main(["generate", "--config", str(cfg), "--checkpoint", str(policy), "--prompts", str(bad),
+                 "--output", str(tmp / "x.jsonl")]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert not (tmp / "x.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_convert_round_trip(sft_run):
+    from jaxselm.hf import load_hf_checkpoint
+    from jaxselm.train import load_params
+
+    tmp, cfg = sft_run
+    policy = tmp / "run" / "policy" / "iter_00"
+    hf_dir = tmp / "hf"
+    assert main(["convert", "--from", "jaxselm", "--input", str(policy), "--output", str(hf_dir),
+                 "--config", str(cfg)]) == 0
+    assert (hf_dir / "config.json").is_file()
+    back = tmp / "back"
+    assert main(["convert", "--from", "hf", "--input", str(hf_dir), "--output", str(back)]) == 0
+    a, b = load_params(policy), load_params(back)
+    import jax
+
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    _, hf_params = load_hf_checkpoint(hf_dir)
+    assert hf_params["embed"].shape == np.asarray(a["embed"]).shape
+
+
+@pytest.mark.slow
+def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
+    (tmp_path / "prefs_judge.py").write_text("def score(prompt, response):\n    return min(len(response), 10) / 10\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prefs = tmp_path / "prefs.jsonl"
+    rows = []
+    for i in range(12):
+        rows.append(json.dumps({"prompt": f"say {i}", "chosen": f"{i}", "rejected": f"{i + 1}{i}"}))
+    prefs.write_text("\n".join(rows) + "\n")
+    cfg = tmp_path / "prefs.yaml"
+    cfg.write_text(PREF_CFG.format(out=tmp_path / "run", prefs=prefs))
+    assert main(["train", "--config", str(cfg)]) == 0
+    run = tmp_path / "run"
+    assert (run / "policy" / "iter_01").is_dir()
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["kind"] == "train" and "rewards/accuracies" in r for r in train)
+    capsys.readouterr()
+    assert main(["train-rm", "--config", str(cfg), "--steps", "3"]) == 0
+    assert (run / "reward_model" / "params").is_dir()
+    assert "reward model: 3 steps" in capsys.readouterr().out
