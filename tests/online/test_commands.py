@@ -121,3 +121,10 @@ def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
     assert main(["train-rm", "--config", str(cfg), "--steps", "3"]) == 0
     assert (run / "reward_model" / "params").is_dir()
     assert "reward model: 3 steps" in capsys.readouterr().out
+    # The fitted reward model as the judge (a whole-section override replaces the judge spec).
+    rm_judge = f"judge={{kind: reward_model, checkpoint: {run / 'reward_model' / 'params'}}}"
+    assert main(["eval", "--config", str(cfg), "--checkpoint", str(run / "policy" / "iter_01"),
+                 "--baseline", str(run / "policy" / "iter_00"), rm_judge]) == 0
+    result = json.loads(capsys.readouterr().out)
+    # 12 rows, no eval file: one row (10%, at least 1) is held out for evaluation.
+    assert 0.0 <= result["win_rate"] <= 1.0 and result["judged"] == 1
