@@ -25,6 +25,7 @@ each class; the defaults here are small so CPU runs are quick):
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -60,31 +61,31 @@ def _check(cond: bool, name: str, field: str, msg: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
+class Task(abc.ABC):
     """Base class: a task's settings; subclasses implement the generation and the answer."""
 
     name: ClassVar[str] = ""
     keyword: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def vocab(self) -> list[str]:
         """The words prompts and answers use (fixed by the settings)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def sample(self, rng: np.random.Generator) -> str:
         """One prompt."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def reference(self, prompt: str) -> str:
         """The exact answer, computed from the prompt alone."""
-        raise NotImplementedError
 
     def score(self, prompt: str, response: str) -> float:
         """1.0 for the exact answer, less otherwise (graded for some tasks), in [0, 1]."""
         return float(response.split() == self.reference(prompt).split())
 
+    @abc.abstractmethod
     def corrupt(self, prompt: str, answer: str, rng: np.random.Generator) -> str:
         """A wrong answer close to ``answer`` (changes one or two positions)."""
-        raise NotImplementedError
 
     def example(self, seed: int, split: str, index: int) -> dict[str, str]:
         """Example ``index``: {"id", "prompt", "answer"}."""

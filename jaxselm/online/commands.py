@@ -21,7 +21,6 @@ from jaxselm.online.config import RunConfig
 from jaxselm.online.io import write_json
 from jaxselm.online.loop import OnlineRun, _pack, _progress, abstract_sharding
 from jaxselm.train import (
-    Checkpointer,
     abstract_train_state,
     create_train_state,
     load_params,

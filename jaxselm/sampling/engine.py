@@ -44,16 +44,14 @@ from __future__ import annotations
 
 import enum
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from jaxselm.errors import ConfigError, DataError
 from jaxselm.model import (
@@ -65,6 +63,7 @@ from jaxselm.model import (
     init_cache,
     param_logical_axes,
 )
+from jaxselm.parallel.rules import LOGICAL_AXIS_RULES, param_shardings
 from jaxselm.sampling.strategies import (
     apply_temperature,
     check_sampling_params,
@@ -77,19 +76,8 @@ from jaxselm.sampling.strategies import (
 Array = jax.Array
 Rules = tuple[tuple[str, Any], ...]
 
-# Same table as the training side (batch first so activations give "fsdp" to the batch, not embed).
-DEFAULT_LOGICAL_RULES: Rules = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("embed", "fsdp"),
-    ("length", None),
-    ("head_dim", None),
-    ("layers", None),
-    ("cope_pos", None),
-)
+# The training side's table (batch first so activations give "fsdp" to the batch, not embed).
+DEFAULT_LOGICAL_RULES: Rules = LOGICAL_AXIS_RULES
 
 MIN_BUCKET = 8
 
@@ -186,27 +174,10 @@ def _validate_prompts(
 # -- sharding ------------------------------------------------------------------------------------
 
 
-def _fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.Mesh) -> PartitionSpec:
-    """``spec`` with each dimension's mesh axes cut to the longest prefix that divides its size."""
-    entries = list(spec) + [None] * (len(shape) - len(spec))
-    out = []
-    for size, entry in zip(shape, entries):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        while axes and size % math.prod(mesh.shape[a] for a in axes):
-            axes = axes[:-1]
-        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*out)
-
-
 def _shardings(logical: Any, shapes: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
-    """NamedShardings of a pytree of arrays/ShapeDtypeStructs from a pytree of logical specs."""
-
-    def one(spec, leaf):
-        names = tuple(spec) + (None,) * (leaf.ndim - len(tuple(spec)))
-        mesh_spec = nn.logical_to_mesh_axes(names, rules)
-        return NamedSharding(mesh, _fit_spec(mesh_spec, leaf.shape, mesh))
-
-    return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    """NamedShardings of a pytree of arrays/ShapeDtypeStructs from a pytree of logical specs
+    (dims their mesh axes do not divide fall back to replication: any batch runs on any mesh)."""
+    return param_shardings(shapes, logical, mesh, rules)
 
 
 class _Layout:

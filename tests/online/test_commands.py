@@ -2,7 +2,6 @@
 offline train and train-rm on a preference file."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
