@@ -7,6 +7,7 @@
     jaxselm generate --config FILE.yaml --checkpoint DIR --prompts FILE --output out.jsonl
     jaxselm eval     --config FILE.yaml --checkpoint A --baseline B [--alpaca-eval out.json]
     jaxselm convert  --from hf --input HF_DIR --output PARAMS_DIR   (or --from jaxselm ... --config)
+    jaxselm --distributed online --config FILE.yaml   on every host of a TPU pod / SLURM job
 
 Every subcommand takes ``--config FILE.yaml`` plus ``key=value`` overrides (e.g.
 ``online.iterations=5 model.position=cope``). Mistakes in configs, data, checkpoints, tokenizers or
@@ -40,6 +41,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxselm", description="Online preference alignment (SELM) with CoPE, in JAX.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-process run: start jax.distributed first (auto-detected on "
+                             "Cloud TPU / SLURM; implied by JAXSELM_COORDINATOR or "
+                             "JAXSELM_NUM_PROCESSES, see docs/multinode-gpu.md)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     p = sub.add_parser("online", help="run (or resume) online SELM iterations",
@@ -158,6 +163,17 @@ _COMMANDS = {
 }
 
 
+# Commands whose code paths keep every process in lockstep (jaxselm.online.loop); the others
+# (generate, eval, train-rm, convert) run as one process.
+_MULTI_PROCESS_COMMANDS = ("online", "sft", "train")
+
+
+def _env_wants_distributed() -> bool:
+    """JAXSELM_COORDINATOR / JAXSELM_NUM_PROCESSES set (as jaxselm.parallel.multihost reads them;
+    checked here without importing jax)."""
+    return bool(os.environ.get("JAXSELM_COORDINATOR") or os.environ.get("JAXSELM_NUM_PROCESSES"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -178,10 +194,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "key=value)", file=sys.stderr)
             return EXIT_USAGE
     try:
+        if args.distributed or _env_wants_distributed():
+            if args.command not in _MULTI_PROCESS_COMMANDS:
+                print(f"jaxselm {args.command}: error: --distributed: multi-process runs are supported "
+                      f"by {', '.join(_MULTI_PROCESS_COMMANDS)} (run {args.command} as one process)",
+                      file=sys.stderr)
+                return EXIT_USAGE
+            from jaxselm.parallel.multihost import initialize_distributed
+
+            initialize_distributed()
         return _COMMANDS[args.command](args)
     except JaxselmError as err:
         msg = " ".join(str(err).split())  # one line
         print(f"jaxselm {args.command}: error: {msg}", file=sys.stderr)
+        if getattr(err, "abandon_process", False):  # a distributed init still blocked in C++
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_USAGE)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"jaxselm {args.command}: interrupted", file=sys.stderr)

@@ -21,6 +21,15 @@ metrics of an uninterrupted run: completed phases are read back, generation and 
 from the phase's start with the same keys, training restarts from its last checkpoint with the
 same batch order. SIGTERM (what TPU preemption sends) saves a training checkpoint at the next step
 boundary and exits with status 0.
+
+Multi-host (a TPU pod slice, several GPU nodes; ``jaxselm --distributed online ...`` on every host,
+see tpu/README.md): every process runs this same loop over the global mesh and computes the same
+host-side values (prompts, pairs, batches), which become global arrays with ``jax.device_put``;
+jitted outputs come back to every host through :func:`~jaxselm.parallel.multihost.to_host`. The
+judge, phase files, run.json, metrics and log lines are process 0's (followed by a barrier before
+anyone reads them), so ``output_dir`` must be on a filesystem all hosts share (NFS, GCS-fuse);
+orbax checkpoints are written by all processes together. A SIGTERM seen by any host stops all of
+them at the same step boundary.
 """
 
 from __future__ import annotations
@@ -49,7 +58,8 @@ from jaxselm.online.config import RunConfig
 from jaxselm.online.io import read_arrays, read_json, write_arrays, write_json
 from jaxselm.online.metrics import MetricsWriter, plot_iterations
 from jaxselm.online.prompts import PromptSet, _text_of, build_tokenizer
-from jaxselm.parallel.mesh import make_mesh
+from jaxselm.parallel.mesh import make_mesh, single_device_mesh
+from jaxselm.parallel.multihost import any_process, barrier, is_primary, to_host
 from jaxselm.sampling import generate
 from jaxselm.train import (
     Checkpointer,
@@ -152,7 +162,7 @@ class OnlineRun:
 
     def __init__(self, cfg: RunConfig, *, log=print, with_judge: bool = True):
         self.cfg = cfg
-        self.log = log
+        self.log = log if is_primary() else _quiet
         self.out = Path(cfg.run.output_dir)
         self.progress = cfg.run.progress
         self.model_cfg: ModelConfig = cfg.model_config_obj()
@@ -188,11 +198,27 @@ class OnlineRun:
         return load_params(self._policy_dir(t), self._abstract_params())
 
     def _check_preempt(self, flag: _SigtermFlag) -> None:
-        if flag.raised:
+        if any_process(flag.raised):
             raise Preempted()
+
+    def _write_json(self, path: Path, obj: Any) -> None:
+        """Process 0 writes; every process waits until the file is there."""
+        if is_primary():
+            write_json(path, obj)
+        barrier(f"write {path}")
+
+    def _write_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        if is_primary():
+            write_arrays(path, arrays)
+        barrier(f"write {path}")
+
+    def _save_policy(self, t: int, params) -> None:
+        save_params(self._policy_dir(t), params, overwrite=True)  # collective with several processes
+        barrier(f"policy {t}")
 
     def _prepare_out_dir(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
+        barrier("prepare output_dir")
         state_path = self.out / "run.json"
         digest = _config_digest(self.cfg)
         if state_path.exists():
@@ -202,15 +228,16 @@ class OnlineRun:
                                   "use a new output_dir (or the same config to resume)")
             return state
         state = {"config_digest": digest, "completed_iterations": -1}
-        write_json(self.out / "config.json", self.cfg.model_dump(mode="json"))
-        write_json(state_path, state)
+        if is_primary():
+            write_json(self.out / "config.json", self.cfg.model_dump(mode="json"))
+        self._write_json(state_path, state)
         return state
 
     def _set_state(self, **kw) -> None:
         path = self.out / "run.json"
         state = read_json(path)
         state.update(kw)
-        write_json(path, state)
+        self._write_json(path, state)
 
     # ------------------------------------------------------------------------------------- run
     def run(self) -> int:
@@ -235,7 +262,8 @@ class OnlineRun:
             return 0
         self.metrics.close()
         records = self.metrics.read("iteration")
-        plot_iterations(records, self.out / "metrics.png")
+        if is_primary():
+            plot_iterations(records, self.out / "metrics.png")
         self.log(format_table(records))
         self.log(f"metrics: {self.metrics.path}  plot: {self.out / 'metrics.png'}")
         return 0
@@ -283,16 +311,16 @@ class OnlineRun:
                         out = self._gen(ref_params, [r["prompt_ids"] for r in recs],
                                         key=jax.random.fold_in(self.key, 11), n=1, greedy=True,
                                         temperature=1.0, flag=flag, desc="y_ref (greedy)")
-                        write_arrays(d / "generate.safetensors", out)
+                        self._write_arrays(d / "generate.safetensors", out)
                     if not (d / "judge.json").exists():
                         pairs = [{"prompt_index": i, "chosen": _text_of(r["chosen"]),
                                   "rejected": _text_of(r["rejected"]), "refresp": i,
                                   "chosen_score": 1.0, "rejected_score": 0.0} for i, r in enumerate(recs)]
-                        write_json(d / "judge.json", {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
+                        self._write_json(d / "judge.json", {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
                     if not (d / "reference.safetensors").exists():
                         self._reference_phase(t, recs, ref_params)
                     params = self._train_phase(t, ref_params, flag, recs=recs)
-                    save_params(self._policy_dir(t), params, overwrite=True)
+                    self._save_policy(t, params)
                 self._evaluate(t, self._load_policy(t), ref_params, flag)
                 self._set_state(completed_iterations=t)
         except Preempted:
@@ -333,7 +361,7 @@ class OnlineRun:
             params = self._initial_params()
             if self.cfg.sft.steps > 0:
                 params = self._sft(params, flag)
-            save_params(self._policy_dir(0), params, overwrite=True)
+            self._save_policy(0, params)
         self._evaluate(0, self._load_policy(0), None, flag)
 
     def _initial_params(self):
@@ -379,11 +407,12 @@ class OnlineRun:
                 batch = {"tokens": seqs.tokens[rows], "mask": seqs.mask[rows], "loss_mask": seqs.loss_mask[rows]}
                 state, m = step_fn(state, batch)
                 if (s + 1) % 25 == 0 or s + 1 == sft.steps:
-                    self.metrics.write("sft", s + 1, jax.device_get(m), iteration=0, iter_step=s + 1)
+                    self.metrics.write("sft", s + 1, to_host(m), iteration=0, iter_step=s + 1)
                 fault_point(f"sft/step{s + 1}")
-                if flag.raised or (s + 1) % cfg.online.checkpoint_every == 0:
+                stop = any_process(flag.raised)  # all hosts checkpoint (a collective) together
+                if stop or (s + 1) % cfg.online.checkpoint_every == 0:
                     ck.save(state, step=s + 1, metadata={"phase": "sft"})
-                    if flag.raised:
+                    if stop:
                         ck.wait()
                         raise Preempted()
             return state.params
@@ -404,7 +433,7 @@ class OnlineRun:
             if not (d / "reference.safetensors").exists():
                 self._reference_phase(t, recs, ref_params)
             params = self._train_phase(t, ref_params, flag)
-            save_params(self._policy_dir(t), params, overwrite=True)
+            self._save_policy(t, params)
             fault_point(f"iter{t}/saved")
         if ref_params is None:
             ref_params = self._load_policy(t - 1)
@@ -434,7 +463,7 @@ class OnlineRun:
                            min_p=0.0 if greedy else o.min_p,
                            stop_token_ids=() if self.eos is None else (self.eos,), pad_id=self.pad,
                            mesh=self.mesh)
-            res = jax.device_get(res)
+            res = to_host(res)
             out["tokens"].append(np.asarray(res.tokens)[:real])
             out["lengths"].append(np.asarray(res.lengths)[:real])
             out["finish"].append(np.asarray(res.finish_reason)[:real])
@@ -456,9 +485,16 @@ class OnlineRun:
         out = self._gen(params, [r["prompt_ids"] for r in recs], key=key, n=o.samples_per_prompt,
                         greedy=o.greedy, temperature=o.temperature, flag=flag, desc=f"iter {t} generate")
         fault_point(f"iter{t}/generate")
-        write_arrays(self._iter_dir(t) / "generate.safetensors", out)
+        self._write_arrays(self._iter_dir(t) / "generate.safetensors", out)
 
     def _judge_phase(self, t: int, recs) -> None:
+        """Judging runs on process 0 only (one set of judge calls, one answer even for a judge
+        that is not deterministic); the others wait and read judge.json."""
+        if is_primary():
+            self._judge_phase_primary(t, recs)
+        barrier(f"write {self._iter_dir(t) / 'judge.json'}")
+
+    def _judge_phase_primary(self, t: int, recs) -> None:
         o = self.cfg.online
         gen = read_arrays(self._iter_dir(t) / "generate.safetensors")
         p, n, m = gen["tokens"].shape
@@ -542,11 +578,11 @@ class OnlineRun:
         fn = self._reference_fn()
         for s in range(0, npairs, bs):
             rows = np.arange(s, s + bs) % npairs  # fixed batch shape; wrapped rows are discarded
-            res = jax.device_get(fn(ref_params, self._batch_rows(seqs, rows)))
+            res = to_host(fn(ref_params, self._batch_rows(seqs, rows)))
             real = min(bs, npairs - s)
             for k in out:
                 out[k][s : s + real] = np.asarray(res[k])[:real]
-        write_arrays(self._iter_dir(t) / "reference.safetensors", out)
+        self._write_arrays(self._iter_dir(t) / "reference.safetensors", out)
 
     def _train_phase(self, t: int, start_params, flag: _SigtermFlag, recs=None):
         cfg, o = self.cfg, self.cfg.online
@@ -585,11 +621,12 @@ class OnlineRun:
                 for name in needed:
                     batch[f"ref_{name}_logps"] = ref[f"ref_{name}_logps"][rows]
                 state, m = step_fn(state, batch)
-                self.metrics.write("train", s + 1, jax.device_get(m), iteration=t, iter_step=s + 1)
+                self.metrics.write("train", s + 1, to_host(m), iteration=t, iter_step=s + 1)
                 fault_point(f"iter{t}/train/step{s + 1}")
-                if flag.raised or (s + 1) % o.checkpoint_every == 0:
+                stop = any_process(flag.raised)  # all hosts checkpoint (a collective) together
+                if stop or (s + 1) % o.checkpoint_every == 0:
                     ck.save(state, step=s + 1, metadata={"iteration": t, "phase": "train"})
-                    if flag.raised:
+                    if stop:
                         ck.wait()
                         raise Preempted()
             return state.params
@@ -610,7 +647,7 @@ class OnlineRun:
                            desc=f"iter {t} eval")
         resp = self._responses(greedy["tokens"][:, 0], greedy["lengths"][:, 0])
         texts = [self._text(r) for r in resp]
-        scores = self.judge.score(prompts, texts)
+        scores = self._eval_score(prompts, texts)
         row: dict[str, Any] = {
             "eval/reward": float(np.nanmean(scores)) if np.isfinite(scores).any() else None,
             "eval/accuracy": float(np.mean(scores >= 1.0 - 1e-9)),
@@ -623,7 +660,7 @@ class OnlineRun:
                             temperature=1.0, flag=None, desc=f"iter {t} sample")
         s_resp = self._responses(sampled["tokens"][:, 0], sampled["lengths"][:, 0])
         s_texts = [self._text(r) for r in s_resp]
-        s_scores = self.judge.score(prompts, s_texts)
+        s_scores = self._eval_score(prompts, s_texts)
         row["eval/sample_reward"] = float(np.nanmean(s_scores)) if np.isfinite(s_scores).any() else None
         row["eval/sample_accuracy"] = float(np.mean(s_scores >= 1.0 - 1e-9))
         if t > 0:  # against the previous iteration's policy, on the same prompts
@@ -631,7 +668,8 @@ class OnlineRun:
             for key_, cur, old in (("eval/win_rate", texts, prev["responses"]),
                                    ("eval/sample_win_rate", s_texts, prev.get("sampled_responses"))):
                 if old is not None:
-                    wins = self.judge.compare_batch(prompts, cur, old)
+                    wins = (self.judge.compare_batch(prompts, cur, old) if is_primary()
+                            else np.full(len(prompts), np.nan))
                     row[key_] = float(np.nanmean(wins)) if np.isfinite(wins).any() else None
             logp_pol = sampled["logprobs"][:, 0].sum(-1)
             logp_ref = self._sequence_logps(ref_params, prompt_ids, s_resp)
@@ -645,8 +683,14 @@ class OnlineRun:
                     if vals:
                         row[f"train/{k.replace('/', '_')}"] = float(np.mean(vals))
         fault_point(f"iter{t}/eval")
-        write_json(path, {"metrics": row, "responses": texts, "sampled_responses": s_texts})
+        self._write_json(path, {"metrics": row, "responses": texts, "sampled_responses": s_texts})
         self.metrics.write("iteration", t, row, iteration=t)
+
+    def _eval_score(self, prompts: list[str], texts: list[str]) -> np.ndarray:
+        """Judge scores on process 0; the others' evaluation rows are never written (NaN)."""
+        if is_primary():
+            return self.judge.score(prompts, texts)
+        return np.full(len(texts), np.nan)
 
     def _sequence_logps(self, params, prompts: list[list[int]], responses: list[list[int]]) -> np.ndarray:
         longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -662,10 +706,14 @@ class OnlineRun:
                 batch[f"{name}_tokens"] = seqs.tokens[rows]
                 batch[f"{name}_mask"] = seqs.mask[rows]
                 batch[f"{name}_loss_mask"] = seqs.loss_mask[rows]
-            res = jax.device_get(fn(params, batch))
+            res = to_host(fn(params, batch))
             real = min(bs, n - s)
             out[s : s + real] = np.asarray(res["ref_chosen_logps"])[:real]
         return out
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log function of processes other than 0."""
 
 
 def build_judge(cfg: RunConfig, model_cfg: ModelConfig, tokenizer):
@@ -683,7 +731,10 @@ def build_judge(cfg: RunConfig, model_cfg: ModelConfig, tokenizer):
 
         rm_cfg, params = load_hf_checkpoint(path, head="reward")
     elif path.is_dir():
-        rm_cfg, params = model_cfg, load_params(path)
+        # With several processes each loads its own copy onto its first local device (only
+        # process 0 calls the judge; jax.devices()[0], the default, belongs to process 0 alone).
+        mesh = single_device_mesh(jax.local_devices()[0]) if jax.process_count() > 1 else None
+        rm_cfg, params = model_cfg, load_params(path, mesh=mesh)
     else:
         raise ConfigError(f"judge.checkpoint: not found: {path}")
     return make_judge(jc, params=params, model_config=rm_cfg, tokenizer=tokenizer, pad_id=tokenizer.pad_id)

@@ -1,0 +1,375 @@
+"""A real multi-process run on this machine: 2 processes x 4 host CPU devices on 127.0.0.1.
+
+JAX's multi-controller runtime is started with the explicit coordinator settings
+(JAXSELM_COORDINATOR / JAXSELM_NUM_PROCESSES / JAXSELM_PROCESS_ID) and the CPU collectives go
+through gloo, so the pair runs the same code paths as the hosts of a TPU pod slice: a global mesh
+spanning devices of other processes, global arrays built from identical host data, outputs
+all-gathered to every host, files written by process 0 behind barriers, orbax checkpoints written
+collectively. The pair's results must equal a single process with 8 devices running the same
+config, and the policy they saved must restore in one process.
+
+Also: a process started without its peer fails with the one-line error within the configured
+initialization timeout instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY = """
+run: {{output_dir: {out}, seed: 3, progress: false, async_checkpoints: false, tensorboard: false}}
+model: {{preset: tiny-cope, cope_npos_max: 8}}
+data:
+  source: task
+  task: sort
+  task_settings: {{min_items: 2, max_items: 3, max_value: 4}}
+  num_eval_prompts: 8
+sft: {{steps: 4, batch_size: 8, learning_rate: 3.0e-3, demonstrations: 32}}
+online:
+  iterations: 2
+  prompts_per_iteration: 8
+  samples_per_prompt: 3
+  max_new_tokens: 4
+  generation_batch_size: 8
+  epochs: 1
+  batch_size: 8
+  learning_rates: 1.0e-3
+  checkpoint_every: 1
+train: {{loss: selm, beta: 0.1, alpha: 1.0e-3}}
+judge: {{kind: programmatic, function: "mp_judge:score"}}
+mesh: {{data: -1}}
+"""
+
+# Scores that rarely tie (a hash of the response), so every iteration has preference pairs.
+JUDGE = """
+import zlib
+
+
+def score(prompt, response):
+    return (zlib.crc32(response.encode()) % 1000) / 1000.0
+"""
+
+TIMEOUT_S = 420  # per run; the pair takes about a minute on two shared cores
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp: Path, devices: int, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXSELM_")}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def _cmd(cfg: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "jaxselm", "online", "--config", str(cfg), f"run.output_dir={out}"]
+
+
+def _params(path: Path) -> dict[str, np.ndarray]:
+    import jax
+
+    from jaxselm.train import load_params
+
+    tree = load_params(path)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run_pair(tmp: Path, cfg: Path, out: Path, env1: dict[str, str] | None = None):
+    """Both processes of a 2 x 4 run; returns [(returncode, stdout, stderr)] by process id.
+    ``env1``: extra environment of process 1 only."""
+    port = _free_port()
+    pair = []
+    for pid in range(2):
+        env = _env(tmp, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
+                   JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120", **((env1 or {}) if pid == 1 else {}))
+        pair.append(subprocess.Popen(_cmd(cfg, out), env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for proc in pair:
+            stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+            results.append((proc.returncode, stdout, stderr))
+    finally:
+        for proc in pair:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("multiprocess")
+    (tmp / "mp_judge.py").write_text(JUDGE)
+    cfg = tmp / "tiny.yaml"
+    cfg.write_text(TINY.format(out=tmp / "unused"))
+
+    results = _run_pair(tmp, cfg, tmp / "pair")
+    for pid, (rc, _, err) in enumerate(results):
+        assert rc == 0, f"process {pid}:\n{err[-4000:]}"
+    outs = [(out, err) for _, out, err in results]
+
+    single = subprocess.run(_cmd(cfg, tmp / "single"), env=_env(tmp, 8), capture_output=True,
+                            text=True, check=False, timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-4000:]
+    return tmp, outs, single
+
+
+# Why not bit-for-bit: a single process all-reduces the 8 devices' partial gradients (and the
+# partial sums of every batch-sharded reduction) in device order, ((g0 + g1) + g2) + ...; gloo's
+# cross-process all-reduce associates the same 8 float32 terms differently (checked directly: a
+# psum of 1024 random float32 values over 8 devices differs in about half of the elements between
+# 1 x 8 and 2 x 4, and matches the sequential order only on 1 x 8). Each such sum then differs by
+# a few float32 ulps (7 additions, |error| <= 7 * 2**-24 * sum|g_i|), and Adam carries that into
+# the weights: after the 9 optimizer steps here the largest weight difference is ~2.4e-6. So
+# floats are compared with atol = rtol = 1e-5 (a few times the observed difference, far below any
+# real divergence: one wrong batch or token moves weights by ~1e-3, the learning rate), while
+# everything discrete - sampled tokens, judge scores, preference pairs, counts - must be equal.
+ATOL = RTOL = 1e-5
+
+
+def _assert_close(a, b, where: str) -> None:
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), where
+        assert abs(a - b) <= ATOL + RTOL * abs(b), f"{where}: {a} vs {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} vs {b!r}"
+
+
+@pytest.mark.slow
+def test_pair_equals_single_process(runs):
+    from safetensors.numpy import load_file
+
+    tmp, _, _ = runs
+    pair, single = tmp / "pair", tmp / "single"
+    for t in range(3):
+        a = _params(pair / "policy" / f"iter_{t:02d}")
+        b = _params(single / "policy" / f"iter_{t:02d}")
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=RTOL, atol=ATOL, err_msg=f"iter {t} {k}")
+    for t in (1, 2):  # what the policy sampled and how it was judged and paired: identical
+        ga, gb = load_file(pair / f"iter_{t:02d}" / "generate.safetensors"), \
+            load_file(single / f"iter_{t:02d}" / "generate.safetensors")
+        for k in ("tokens", "lengths", "finish"):
+            np.testing.assert_array_equal(ga[k], gb[k], err_msg=f"iter {t} {k}")
+        assert (json.loads((pair / f"iter_{t:02d}" / "judge.json").read_text())
+                == json.loads((single / f"iter_{t:02d}" / "judge.json").read_text()))
+    ma, mb = _metrics(pair), _metrics(single)
+    assert [(r["kind"], r["step"]) for r in ma] == [(r["kind"], r["step"]) for r in mb]
+    _assert_close(ma, mb, "metrics.jsonl")
+    for name in ("iter_02/eval.json", "run.json"):
+        _assert_close(json.loads((pair / name).read_text()), json.loads((single / name).read_text()), name)
+
+
+@pytest.mark.slow
+def test_pair_logs_once_and_checkpoint_restores_in_one_process(runs):
+    tmp, outs, single = runs
+    out0, out1 = (out for out, _ in outs)
+    # Process 0 prints what a single process prints (the per-iteration table), process 1 nothing.
+    # (gloo's C++ threads also print "[Gloo] Rank 3 is connected to 7 peer ranks" lines to stdout,
+    # so compare our lines, not whole outputs.)
+    table = [line for line in single.stdout.splitlines() if " | " in line]
+    assert len(table) == 4 and "sample-acc" in table[0]  # header + iterations 0, 1, 2
+    lines0 = out0.splitlines()
+    assert all(line in lines0 for line in table), out0
+    for ours in ("iteration 1 done", "sample-acc", " | ", "metrics:"):
+        assert ours not in out1, out1
+    # The training checkpoint the pair wrote together restores on one process (8 devices here).
+    import jax
+
+    from jaxselm.train import Checkpointer
+
+    with Checkpointer(tmp / "pair" / "iter_02" / "ckpt", create=False) as ck:
+        step = ck.latest_step()
+        assert step is not None
+        state, meta = ck.restore(_abstract_like(ck, step))
+    assert meta == {"iteration": 2, "phase": "train"}
+    restored = {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+    final = _params(tmp / "pair" / "policy" / "iter_02")
+    assert restored.keys() == final.keys()
+    for k in final:  # the last step's checkpoint holds the exported policy
+        np.testing.assert_array_equal(restored[k], final[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_both_and_the_pair_resumes_exactly(runs):
+    """Process 1 alone gets SIGTERM during iteration 1's training (as one preempted TPU host
+    would): both processes agree to stop at the same step, checkpoint together and exit 0; the
+    pair started again resumes and ends with exactly the uninterrupted pair's results (same
+    processes, same reduction order: bit-for-bit)."""
+    tmp, _, _ = runs
+    cfg = tmp / "tiny.yaml"
+    out = tmp / "preempted"
+    stopped = _run_pair(tmp, cfg, out, env1={"JAXSELM_FAULT_AT": "iter1/train/step1",
+                                             "JAXSELM_FAULT_SIGNAL": "TERM"})
+    assert [rc for rc, _, _ in stopped] == [0, 0], stopped[1][2][-3000:]
+    assert "SIGTERM: state saved in" in stopped[0][1]
+    assert not (out / "policy" / "iter_01").exists()
+    from jaxselm.train import Checkpointer
+
+    with Checkpointer(out / "iter_01" / "ckpt", create=False) as ck:
+        assert ck.latest_step() == 1
+
+    resumed = _run_pair(tmp, cfg, out)
+    assert [rc for rc, _, _ in resumed] == [0, 0], resumed[0][2][-3000:]
+    for t in range(3):
+        a = _params(out / "policy" / f"iter_{t:02d}")
+        b = _params(tmp / "pair" / "policy" / f"iter_{t:02d}")
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"iter {t} {k}")
+    assert _metrics(out) == _metrics(tmp / "pair")
+
+
+def _abstract_like(ck, step):
+    """The saved tree as ShapeDtypeStructs on this process's first device."""
+    import jax
+
+    meta = ck._manager.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=dev), tree)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("process_id", [0, 1])  # the coordinator alone; a worker without one
+def test_process_without_its_peer_fails_fast(tmp_path, process_id):
+    (tmp_path / "mp_judge.py").write_text(JUDGE)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY.format(out=tmp_path / "out"))
+    port = _free_port()
+    env = _env(tmp_path, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
+               JAXSELM_PROCESS_ID=str(process_id), JAXSELM_INIT_TIMEOUT="8")
+    start = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(cfg)], env=env,
+                         capture_output=True, text=True, check=False, timeout=120)
+    elapsed = time.monotonic() - start
+    assert res.returncode == 2, res.stderr[-3000:]
+    # JAX's own timeout (set 60 s later) would abort with a C++ stack trace; ours is one line, last.
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"jaxselm online: error: distributed init: process {process_id} of 2 waited 8s at 127.0.0.1:{port} "
+        "and not all processes connected (start every process with the same JAXSELM_COORDINATOR and "
+        "JAXSELM_NUM_PROCESSES, or raise JAXSELM_INIT_TIMEOUT)")
+    assert "Check failure stack trace" not in res.stderr
+    assert 8 <= elapsed < 60, elapsed  # the 8 s wait plus start-up, not JAX's 68 s abort
+    assert not (tmp_path / "out").exists()  # failed before any work
+
+
+def test_inconsistent_settings_are_one_line_errors(tmp_path):
+    """Half-given explicit settings fail before any connection attempt."""
+    res = subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
+                         env=_env(tmp_path, 4, JAXSELM_COORDINATOR="127.0.0.1:1234"),
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("jaxselm online: error: JAXSELM_NUM_PROCESSES: required when "
+                                  "JAXSELM_COORDINATOR / JAXSELM_NUM_PROCESSES / JAXSELM_PROCESS_ID "
+                                  "are used (set all three)")
+    res = subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
+                         env=_env(tmp_path, 4, JAXSELM_COORDINATOR="127.0.0.1:1234", JAXSELM_NUM_PROCESSES="2",
+                                  JAXSELM_PROCESS_ID="2"),
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().endswith("JAXSELM_PROCESS_ID: 2 is not below JAXSELM_NUM_PROCESSES=2")
+    # commands whose code paths are not multi-process refuse --distributed
+    res = subprocess.run([sys.executable, "-m", "jaxselm", "--distributed", "generate", "--config", "x.yaml",
+                          "--checkpoint", "c", "--output", "o"], env=_env(tmp_path, 4),
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr == ("jaxselm generate: error: --distributed: multi-process runs are supported by "
+                          "online, sft, train (run generate as one process)\n")
+
+
+def test_helpers_with_one_process():
+    """With one process the helpers are the identity / no-ops (single-process results unchanged)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxselm.parallel import make_mesh
+    from jaxselm.parallel.multihost import (
+        any_process,
+        barrier,
+        initialize_distributed,
+        is_primary,
+        to_host,
+    )
+
+    initialize_distributed(enabled=False)  # nothing to start
+    assert is_primary()
+    barrier("no-op")
+    assert any_process(True) is True and any_process(False) is False
+    mesh = make_mesh((8, 1, 1))
+    x = jax.device_put(jnp.arange(16.0).reshape(8, 2),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    out = to_host({"x": x, "n": 3})
+    np.testing.assert_array_equal(out["x"], np.arange(16.0).reshape(8, 2))
+    assert out["n"] == 3
+
+
+def test_settings_from_env():
+    from jaxselm.parallel.multihost import DistributedError, settings_from_env, wants_distributed
+
+    env = {"JAXSELM_COORDINATOR": "10.0.0.1:1234", "JAXSELM_NUM_PROCESSES": "4", "JAXSELM_PROCESS_ID": "3",
+           "JAXSELM_LOCAL_DEVICE_IDS": "0,1", "JAXSELM_INIT_TIMEOUT": "30"}
+    assert settings_from_env(env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                                      "process_id": 3, "local_device_ids": [0, 1], "timeout_s": 30.0}
+    assert wants_distributed(env) and not wants_distributed({"JAXSELM_PROCESS_ID": "0"})
+    for name, value, message in [
+        ("JAXSELM_NUM_PROCESSES", "two", "JAXSELM_NUM_PROCESSES: expected an integer, got 'two'"),
+        ("JAXSELM_NUM_PROCESSES", "0", "JAXSELM_NUM_PROCESSES: must be >= 1, got 0"),
+        ("JAXSELM_INIT_TIMEOUT", "-1", "JAXSELM_INIT_TIMEOUT: must be > 0 seconds, got -1"),
+        ("JAXSELM_LOCAL_DEVICE_IDS", "0;1", "JAXSELM_LOCAL_DEVICE_IDS: expected e.g. 0,1,2,3, got '0;1'"),
+    ]:
+        with pytest.raises(DistributedError) as err:
+            settings_from_env({**env, name: value})
+        assert str(err.value) == message
+
+
+def test_bad_coordinator_address_fails_before_connecting(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
+                         env=_env(tmp_path, 4, JAXSELM_COORDINATOR="localhost", JAXSELM_NUM_PROCESSES="2",
+                                  JAXSELM_PROCESS_ID="0"),
+                         capture_output=True, text=True, check=False, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr == ("jaxselm online: error: JAXSELM_COORDINATOR: expected host:port, "
+                          "got 'localhost'\n")
+
+
+def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
+    env = {k: v for k, v in _env(tmp_path, 4).items()
+           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}  # nothing for JAX to detect
+    res = subprocess.run([sys.executable, "-m", "jaxselm", "--distributed", "online", "--config",
+                          str(tmp_path / "x.yaml")], env=env, capture_output=True, text=True, check=False,
+                         timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.startswith("jaxselm online: error: distributed init: no TPU / SLURM / Open MPI "
+                                 "cluster detected (")
+    assert res.stderr.endswith("); set JAXSELM_COORDINATOR, JAXSELM_NUM_PROCESSES and JAXSELM_PROCESS_ID\n")
+    assert res.stderr.count("\n") == 1
