@@ -34,7 +34,6 @@ them at the same step boundary.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
