@@ -504,7 +504,8 @@ class OnlineRun:
         prompts = [r["prompt"] for r in recs for _ in range(n)]
         self.judge.reset_stats()
         scores = np.full(p * n, np.nan)
-        chunk = 256
+        # Whole prompts per call: a pairwise LLM judge ranks the responses of a prompt together.
+        chunk = n * max(1, 256 // n)
         for s in _progress(range(0, p * n, chunk), total=math.ceil(p * n / chunk),
                            desc=f"iter {t} judge", enabled=self.progress):
             scores[s : s + chunk] = self.judge.score(prompts[s : s + chunk], texts[s : s + chunk])
