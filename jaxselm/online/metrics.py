@@ -92,17 +92,17 @@ class MetricsWriter:
 
 def plot_iterations(records: list[dict[str, Any]], path: str | os.PathLike, *, keys=None) -> None:
     """A PNG with one panel per metric, x = iteration (0 = the starting policy)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): renders with Agg without switching the caller's backend
+    # (a notebook keeps its inline plots).
+    from matplotlib.figure import Figure
 
     keys = keys or ["eval/sample_accuracy", "eval/accuracy", "eval/sample_reward",
                     "eval/sample_win_rate", "eval/kl"]
     keys = [k for k in keys if any(r.get(k) is not None for r in records)]
     if not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    fig = Figure(figsize=(4 * len(keys), 3.2))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
@@ -112,5 +112,4 @@ def plot_iterations(records: list[dict[str, Any]], path: str | os.PathLike, *, k
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
