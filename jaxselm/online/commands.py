@@ -66,8 +66,9 @@ def _read_prompt_jsonl(path: str, run: OnlineRun) -> list[dict[str, Any]]:
 
 
 def _greedy_texts(run: OnlineRun, params, recs, *, greedy: bool = True, key_index: int = 0) -> list[str]:
-    out = run._gen(params, [r["prompt_ids"] for r in recs], key=jax.random.fold_in(run.key, 1000 + key_index),
-                   n=1, greedy=greedy, temperature=run.cfg.online.temperature, flag=None, desc="generate")
+    out, _ = run._gen(params, len(recs), lambda pos: [recs[int(i)] for i in pos],
+                      key=jax.random.fold_in(run.key, 1000 + key_index), n=1, greedy=greedy,
+                      temperature=run.cfg.online.temperature, flag=None, desc="generate")
     resp = run._responses(out["tokens"][:, 0], out["lengths"][:, 0])
     return [run._text(r) for r in resp]
 
@@ -120,13 +121,13 @@ def train_rm_command(cfg: RunConfig, *, steps: int | None) -> int:
     if cfg.data.source != "prompts":
         raise ConfigError("data.source: reward-model training needs a preference file (data.source: prompts)")
     run = OnlineRun(cfg, with_judge=False)
-    rows = [r for r in run.prompts._rows if r.get("chosen") and r.get("rejected")]
+    rows = [r for r in run.prompts.iteration_all() if r.get("chosen") and r.get("rejected")]
     if not rows:
         raise DataError(f"{cfg.data.prompts_path}: no rows with both 'chosen' and 'rejected'")
     from jaxselm.online.prompts import _text_of
 
     mcfg = run.model_cfg
-    prompt_ids = [run.prompts.encode_prompt(r) for r in rows]
+    prompt_ids = [r["prompt_ids"] for r in rows]
     chosen = [run.prompts.encode_response(_text_of(r["chosen"])) for r in rows]
     rejected = [run.prompts.encode_response(_text_of(r["rejected"])) for r in rows]
     length = bucket_length(max(len(p) + max(len(c), len(x)) for p, c, x in zip(prompt_ids, chosen, rejected)),

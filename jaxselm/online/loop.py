@@ -23,13 +23,18 @@ same batch order. SIGTERM (what TPU preemption sends) saves a training checkpoin
 boundary and exits with status 0.
 
 Multi-host (a TPU pod slice, several GPU nodes; ``jaxselm --distributed online ...`` on every host,
-see tpu/README.md): every process runs this same loop over the global mesh and computes the same
-host-side values (prompts, pairs, batches), which become global arrays with ``jax.device_put``;
-jitted outputs come back to every host through :func:`~jaxselm.parallel.multihost.to_host`. The
-judge, phase files, run.json, metrics and log lines are process 0's (followed by a barrier before
-anyone reads them), so ``output_dir`` must be on a filesystem all hosts share (NFS, GCS-fuse);
-orbax checkpoints are written by all processes together. A SIGTERM seen by any host stops all of
-them at the same step boundary.
+see tpu/README.md): every process runs this same loop over the global mesh. Data is sharded per
+process: of every global batch (generation prompts, SFT demonstrations, preference triples,
+reference log-probs) each host reads and packs only the rows its devices hold
+(:func:`~jaxselm.parallel.multihost.local_batch_rows`) and the global array is assembled from the
+hosts' pieces (:func:`~jaxselm.parallel.multihost.make_global_batch`); no host reads the whole
+dataset. Jitted outputs (sampled tokens, log-probs: small) come back to every host through
+:func:`~jaxselm.parallel.multihost.to_host`. The judge runs once, on process 0: the prompt texts it
+needs reach it through the run folder (each host writes the records it read to
+``iter_NN/prompts/part-<process>.json``). Phase files, run.json, metrics and log lines are process
+0's (followed by a barrier before anyone reads them), so ``output_dir`` must be on a filesystem all
+hosts share (NFS, GCS-fuse); orbax checkpoints are written by all processes together. A SIGTERM
+seen by any host stops all of them at the same step boundary.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxselm.data.batching import bucket_length
-from jaxselm.errors import ConfigError, DataError
+from jaxselm.errors import ConfigError, DataError, JaxselmError
 from jaxselm.feedback import RewardModelJudgeConfig, build_pairs, make_judge, parse_judge_config
 from jaxselm.model import ModelConfig, init_params
 from jaxselm.online.config import RunConfig
@@ -58,7 +63,15 @@ from jaxselm.online.io import read_arrays, read_json, write_arrays, write_json
 from jaxselm.online.metrics import MetricsWriter, plot_iterations
 from jaxselm.online.prompts import PromptSet, _text_of, build_tokenizer
 from jaxselm.parallel.mesh import make_mesh, single_device_mesh
-from jaxselm.parallel.multihost import any_process, barrier, is_primary, to_host
+from jaxselm.parallel.multihost import (
+    any_process,
+    barrier,
+    is_primary,
+    local_batch_rows,
+    make_global_batch,
+    process_max,
+    to_host,
+)
 from jaxselm.sampling import generate
 from jaxselm.train import (
     Checkpointer,
@@ -88,14 +101,14 @@ class _SigtermFlag:
         self.raised = False
         self._old = None
 
-    def __enter__(self) -> "_SigtermFlag":
+    def __enter__(self) -> _SigtermFlag:
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. a notebook worker): no handler
             self._old = None
         return self
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+    def _handle(self, signum, frame) -> None:
         self.raised = True
 
     def __exit__(self, *exc) -> None:
@@ -156,6 +169,43 @@ def _pack(prompts: list[list[int]], responses: list[list[int]], length: int, pad
     return _Seqs(tokens, mask, loss)
 
 
+class _Pairs:
+    """An iteration's preference triples, packed on demand: a process packs only the rows of
+    each global batch it holds. ``pairs`` are judge.json's (responses referenced by their index
+    among the samples, or given as dataset text); one padded length for all batches."""
+
+    def __init__(self, pairs: list[dict[str, Any]], prompts: list[list[int]], samples: list[list[int]],
+                 encode_response, pad_id: int):
+        self.pad = pad_id
+        texts: dict[str, list[int]] = {}
+
+        def ids(ref) -> list[int]:
+            if isinstance(ref, int):
+                return samples[ref]
+            if ref not in texts:
+                texts[ref] = encode_response(ref)  # a dataset response (text)
+            return texts[ref]
+
+        self.prompts = [prompts[x["prompt_index"]] for x in pairs]
+        self.responses = {k: [ids(x[k]) for x in pairs] for k in ("chosen", "rejected", "refresp")}
+        longest = max((len(p) + max(len(self.responses[k][i]) for k in self.responses)
+                       for i, p in enumerate(self.prompts)), default=1)
+        self.length = bucket_length(longest, multiple=8)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, rows: np.ndarray,
+              names: tuple[str, ...] = ("chosen", "rejected", "refresp")) -> dict[str, np.ndarray]:
+        prompts = [self.prompts[int(i)] for i in rows]
+        out = {}
+        for name in names:
+            seqs = _pack(prompts, [self.responses[name][int(i)] for i in rows], self.length, self.pad)
+            out[f"{name}_tokens"], out[f"{name}_mask"] = seqs.tokens, seqs.mask
+            out[f"{name}_loss_mask"] = seqs.loss_mask
+        return out
+
+
 class OnlineRun:
     """One online run in ``cfg.run.output_dir``; :meth:`run` does (or resumes) all of it."""
 
@@ -179,7 +229,6 @@ class OnlineRun:
         self.params_sharding = params_shardings_for(self.model_cfg, self.mesh)
         self.metrics: MetricsWriter | None = None
         self._ref_fn = None
-        self._eval_set: list[dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------------------------- helpers
     def _iter_dir(self, t: int) -> Path:
@@ -243,7 +292,6 @@ class OnlineRun:
         """Run or resume; returns 0 (done or preempted cleanly)."""
         state = self._prepare_out_dir()
         self.metrics = MetricsWriter(self.out, tensorboard=self.cfg.run.tensorboard)
-        self._eval_set = self.prompts.evaluation()
         try:
             with _SigtermFlag() as flag:
                 if state["completed_iterations"] < 0:
@@ -271,7 +319,6 @@ class OnlineRun:
         """Only the warm start: writes policy/iter_00 and its evaluation."""
         self._prepare_out_dir()
         self.metrics = MetricsWriter(self.out, tensorboard=self.cfg.run.tensorboard)
-        self._eval_set = self.prompts.evaluation()
         try:
             with _SigtermFlag() as flag:
                 self._truncate_metrics(0)
@@ -290,7 +337,6 @@ class OnlineRun:
         rejected) responses; y_ref is the start policy's greedy response (SELM / XPO)."""
         self._prepare_out_dir()
         self.metrics = MetricsWriter(self.out, tensorboard=self.cfg.run.tensorboard)
-        self._eval_set = self.prompts.evaluation()
         t = 1
         d = self._iter_dir(t)
         d.mkdir(parents=True, exist_ok=True)
@@ -307,9 +353,9 @@ class OnlineRun:
                 ref_params = self._load_policy(0)
                 if not self._policy_dir(t).exists():
                     if not (d / "generate.safetensors").exists():
-                        out = self._gen(ref_params, [r["prompt_ids"] for r in recs],
-                                        key=jax.random.fold_in(self.key, 11), n=1, greedy=True,
-                                        temperature=1.0, flag=flag, desc="y_ref (greedy)")
+                        out, _ = self._gen(ref_params, len(recs), lambda pos: [recs[int(i)] for i in pos],
+                                           key=jax.random.fold_in(self.key, 11), n=1, greedy=True,
+                                           temperature=1.0, flag=flag, desc="y_ref (greedy)")
                         self._write_arrays(d / "generate.safetensors", out)
                     if not (d / "judge.json").exists():
                         pairs = [{"prompt_index": i, "chosen": _text_of(r["chosen"]),
@@ -317,8 +363,8 @@ class OnlineRun:
                                   "chosen_score": 1.0, "rejected_score": 0.0} for i, r in enumerate(recs)]
                         self._write_json(d / "judge.json", {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
                     if not (d / "reference.safetensors").exists():
-                        self._reference_phase(t, recs, ref_params)
-                    params = self._train_phase(t, ref_params, flag, recs=recs)
+                        self._reference_phase(t, ref_params)
+                    params = self._train_phase(t, ref_params, flag)
                     self._save_policy(t, params)
                 self._evaluate(t, self._load_policy(t), ref_params, flag)
                 self._set_state(completed_iterations=t)
@@ -381,9 +427,16 @@ class OnlineRun:
 
     def _sft(self, params, flag: _SigtermFlag):
         cfg, sft = self.cfg, self.cfg.sft
-        demos = self.prompts.demonstrations()
-        length = bucket_length(max(len(d["prompt_ids"]) + len(d["response_ids"]) for d in demos), multiple=8)
-        seqs = _pack([d["prompt_ids"] for d in demos], [d["response_ids"] for d in demos], length, self.pad)
+        n = self.prompts.demonstration_count()
+        rng = np.random.default_rng([cfg.run.seed, 0x5F7])
+        order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(sft.steps * sft.batch_size / n) + 1)])
+        # This process's rows of every step's global batch: the only demonstrations it reads.
+        mine = local_batch_rows(sft.batch_size, self.mesh)
+        rows_of = [order[s * sft.batch_size : (s + 1) * sft.batch_size][mine] for s in range(sft.steps)]
+        wanted = sorted(set(np.concatenate(rows_of).tolist())) if rows_of else []
+        demos = dict(zip(wanted, self.prompts.demonstrations(wanted)))
+        longest = max((len(d["prompt_ids"]) + len(d["response_ids"]) for d in demos.values()), default=1)
+        length = bucket_length(process_max(longest), multiple=8)
         opt_cfg = cfg.train.optimizer.replace(learning_rate=sft.learning_rate, total_steps=sft.steps)
         train_cfg = cfg.train.replace(optimizer=opt_cfg)
         tx = make_optimizer(opt_cfg)
@@ -397,13 +450,12 @@ class OnlineRun:
                 start = 0
             else:
                 state, _ = ck.restore(abstract_train_state(self.model_cfg, tx, self.mesh), step=start)
-            rng = np.random.default_rng([cfg.run.seed, 0x5F7])
-            n = len(demos)
-            order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(sft.steps * sft.batch_size / n) + 1)])
             bar = _progress(range(start, sft.steps), total=sft.steps - start, desc="sft", enabled=self.progress)
             for s in bar:
-                rows = order[s * sft.batch_size : (s + 1) * sft.batch_size]
-                batch = {"tokens": seqs.tokens[rows], "mask": seqs.mask[rows], "loss_mask": seqs.loss_mask[rows]}
+                local = [demos[int(i)] for i in rows_of[s]]
+                seqs = _pack([d["prompt_ids"] for d in local], [d["response_ids"] for d in local], length, self.pad)
+                batch = make_global_batch({"tokens": seqs.tokens, "mask": seqs.mask, "loss_mask": seqs.loss_mask},
+                                          self.mesh, sft.batch_size)
                 state, m = step_fn(state, batch)
                 if (s + 1) % 25 == 0 or s + 1 == sft.steps:
                     self.metrics.write("sft", s + 1, to_host(m), iteration=0, iter_step=s + 1)
@@ -421,16 +473,15 @@ class OnlineRun:
         d = self._iter_dir(t)
         d.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        recs = self.prompts.iteration(t)
         ref_params = None
         if not self._policy_dir(t).exists():
             ref_params = self._load_policy(t - 1)  # pi_ref: the iteration-start policy
             if not (d / "generate.safetensors").exists():
-                self._generate_phase(t, recs, ref_params, flag)
+                self._generate_phase(t, ref_params, flag)
             if not (d / "judge.json").exists():
-                self._judge_phase(t, recs)
+                self._judge_phase(t)
             if not (d / "reference.safetensors").exists():
-                self._reference_phase(t, recs, ref_params)
+                self._reference_phase(t, ref_params)
             params = self._train_phase(t, ref_params, flag)
             self._save_policy(t, params)
             fault_point(f"iter{t}/saved")
@@ -439,37 +490,75 @@ class OnlineRun:
         self._evaluate(t, self._load_policy(t), ref_params, flag)
         self.log(f"iteration {t} done in {time.time() - t0:.1f}s")
 
-    def _gen(self, params, prompt_ids: list[list[int]], *, key, n: int, greedy: bool, temperature: float,
-             flag: _SigtermFlag | None, desc: str) -> dict[str, np.ndarray]:
-        """generate() over fixed-size batches (the last one padded by repetition)."""
+    def _gen(self, params, count: int, fetch, *, key, n: int, greedy: bool, temperature: float,
+             flag: _SigtermFlag | None, desc: str) -> tuple[dict[str, np.ndarray], dict[int, dict[str, Any]]]:
+        """generate() for ``count`` prompts over fixed-size global batches (the last one padded by
+        repeating the last prompt). ``fetch(positions)`` reads prompt records; each process reads
+        only the rows of each batch that its devices hold. Returns the outputs of all prompts on
+        every process (with the left-padded prompts: ``prompt_tokens``, ``prompt_lengths``) and
+        the records this process read, by position."""
         o = self.cfg.online
-        bs = min(o.generation_batch_size, len(prompt_ids))
-        out: dict[str, list[np.ndarray]] = {"tokens": [], "lengths": [], "finish": [], "logprobs": []}
-        length = bucket_length(max(len(p) for p in prompt_ids), min_length=8)
-        nb = math.ceil(len(prompt_ids) / bs)
+        bs = min(o.generation_batch_size, count)
+        nb = math.ceil(count / bs)
+        mine = local_batch_rows(bs, self.mesh)
+        positions = [np.minimum(b * bs + mine, count - 1) for b in range(nb)]
+        wanted = sorted(set(np.concatenate(positions).tolist()))
+        recs = dict(zip(wanted, fetch(wanted)))
+        length = bucket_length(process_max(max(len(r["prompt_ids"]) for r in recs.values())), min_length=8)
+        out: dict[str, list[np.ndarray]] = {k: [] for k in ("tokens", "lengths", "finish", "logprobs",
+                                                            "prompt_tokens", "prompt_lengths")}
         for b in _progress(range(nb), total=nb, desc=desc, enabled=self.progress):
-            chunk = prompt_ids[b * bs : (b + 1) * bs]
-            real = len(chunk)
-            chunk = chunk + [chunk[-1]] * (bs - real)
-            toks = np.full((bs, length), self.pad, np.int32)
-            mask = np.zeros((bs, length), bool)
-            for i, p in enumerate(chunk):
-                toks[i, length - len(p):] = p
-                mask[i, length - len(p):] = True
-            res = generate(params, self.model_cfg, toks, mask, rng=jax.random.fold_in(key, b),
+            toks = np.full((len(mine), length), self.pad, np.int32)
+            mask = np.zeros((len(mine), length), bool)
+            for i, pos in enumerate(positions[b]):
+                ids = recs[int(pos)]["prompt_ids"]
+                toks[i, length - len(ids):] = ids
+                mask[i, length - len(ids):] = True
+            batch = make_global_batch({"tokens": toks, "mask": mask}, self.mesh, bs)
+            res = generate(params, self.model_cfg, batch["tokens"], batch["mask"], rng=jax.random.fold_in(key, b),
                            max_new_tokens=o.max_new_tokens, n=n, greedy=greedy, temperature=temperature,
                            top_k=0 if greedy else o.top_k, top_p=1.0 if greedy else o.top_p,
                            min_p=0.0 if greedy else o.min_p,
                            stop_token_ids=() if self.eos is None else (self.eos,), pad_id=self.pad,
                            mesh=self.mesh)
-            res = to_host(res)
+            res, prompts = to_host((res, batch))
+            real = min(bs, count - b * bs)
             out["tokens"].append(np.asarray(res.tokens)[:real])
             out["lengths"].append(np.asarray(res.lengths)[:real])
             out["finish"].append(np.asarray(res.finish_reason)[:real])
             out["logprobs"].append(np.asarray(res.logprobs)[:real])
+            out["prompt_tokens"].append(np.asarray(prompts["tokens"], np.int32)[:real])
+            out["prompt_lengths"].append(np.asarray(prompts["mask"]).sum(-1).astype(np.int32)[:real])
             if flag is not None:
                 self._check_preempt(flag)
-        return {k: np.concatenate(v) for k, v in out.items()}
+        return {k: np.concatenate(v) for k, v in out.items()}, recs
+
+    @staticmethod
+    def _prompt_ids(gen: dict[str, np.ndarray]) -> list[list[int]]:
+        """The prompts of a _gen output (left-padded rows back to id lists)."""
+        toks, lens = gen["prompt_tokens"], gen["prompt_lengths"]
+        width = toks.shape[1]
+        return [list(map(int, toks[i, width - int(lens[i]):])) for i in range(toks.shape[0])]
+
+    def _share_records(self, d: Path, recs: dict[int, dict[str, Any]]) -> None:
+        """Each process writes the prompt records it read (what the judge needs) to
+        ``d/part-<process>.json``; process 0 merges them with :meth:`_shared_records`."""
+        keep = ("id", "prompt", "chosen", "rejected")
+        write_json(d / f"part-{jax.process_index():05d}.json",
+                   [{"position": int(p), **{k: r[k] for k in keep if k in r}} for p, r in sorted(recs.items())])
+        barrier(f"shared {d}")
+
+    @staticmethod
+    def _shared_records(d: Path, count: int) -> list[dict[str, Any]]:
+        by_position: dict[int, dict[str, Any]] = {}
+        for part in sorted(d.glob("part-*.json")):
+            for rec in read_json(part):
+                by_position[int(rec["position"])] = rec
+        missing = [i for i in range(count) if i not in by_position]
+        if missing:
+            raise JaxselmError(f"{d}: no host wrote the prompt record at position {missing[0]} "
+                               f"({len(missing)} of {count} missing)")
+        return [by_position[i] for i in range(count)]
 
     def _responses(self, tokens: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
         """Token ids of each generated response (stop token included)."""
@@ -478,18 +567,21 @@ class OnlineRun:
     def _text(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def _generate_phase(self, t: int, recs, params, flag) -> None:
+    def _generate_phase(self, t: int, params, flag) -> None:
         o = self.cfg.online
         key = jax.random.fold_in(jax.random.fold_in(self.key, t), 1)
-        out = self._gen(params, [r["prompt_ids"] for r in recs], key=key, n=o.samples_per_prompt,
-                        greedy=o.greedy, temperature=o.temperature, flag=flag, desc=f"iter {t} generate")
+        out, recs = self._gen(params, self.prompts.iteration_size(t), lambda pos: self.prompts.iteration(t, pos),
+                              key=key, n=o.samples_per_prompt, greedy=o.greedy, temperature=o.temperature,
+                              flag=flag, desc=f"iter {t} generate")
+        self._share_records(self._iter_dir(t) / "prompts", recs)  # before generate.safetensors (resume)
         fault_point(f"iter{t}/generate")
         self._write_arrays(self._iter_dir(t) / "generate.safetensors", out)
 
-    def _judge_phase(self, t: int, recs) -> None:
+    def _judge_phase(self, t: int) -> None:
         """Judging runs on process 0 only (one set of judge calls, one answer even for a judge
         that is not deterministic); the others wait and read judge.json."""
         if is_primary():
+            recs = self._shared_records(self._iter_dir(t) / "prompts", self.prompts.iteration_size(t))
             self._judge_phase_primary(t, recs)
         barrier(f"write {self._iter_dir(t) / 'judge.json'}")
 
@@ -537,57 +629,37 @@ class OnlineRun:
             "stats": stats,
         })
 
-    def _pair_sequences(self, t: int, recs) -> tuple[_Seqs, _Seqs, _Seqs, int]:
+    def _pairs(self, t: int) -> _Pairs:
         gen = read_arrays(self._iter_dir(t) / "generate.safetensors")
         p, n, m = gen["tokens"].shape
         flat = self._responses(gen["tokens"].reshape(p * n, m), gen["lengths"].reshape(p * n))
-        pairs = read_json(self._iter_dir(t) / "judge.json")["pairs"]
-
-        def ids(ref) -> list[int]:
-            if isinstance(ref, int):
-                return flat[ref]
-            return self.prompts.encode_response(ref)  # a dataset response (text)
-
-        prompts = [recs[x["prompt_index"]]["prompt_ids"] for x in pairs]
-        chosen = [ids(x["chosen"]) for x in pairs]
-        rejected = [ids(x["rejected"]) for x in pairs]
-        refresp = [ids(x["refresp"]) for x in pairs]
-        longest = max((len(a) + max(len(b), len(c), len(d)) for a, b, c, d in zip(prompts, chosen, rejected, refresp)),
-                      default=1)
-        length = bucket_length(longest, multiple=8)
-        return (_pack(prompts, chosen, length, self.pad), _pack(prompts, rejected, length, self.pad),
-                _pack(prompts, refresp, length, self.pad), len(pairs))
-
-    def _batch_rows(self, seqs: tuple[_Seqs, _Seqs, _Seqs], rows: np.ndarray) -> dict[str, np.ndarray]:
-        batch = {}
-        for name, s in zip(("chosen", "rejected", "refresp"), seqs):
-            batch[f"{name}_tokens"] = s.tokens[rows]
-            batch[f"{name}_mask"] = s.mask[rows]
-            batch[f"{name}_loss_mask"] = s.loss_mask[rows]
-        return batch
+        return _Pairs(read_json(self._iter_dir(t) / "judge.json")["pairs"], self._prompt_ids(gen), flat,
+                      self.prompts.encode_response, self.pad)
 
     def _reference_fn(self):
         if self._ref_fn is None:
             self._ref_fn = make_reference_fn(self.model_cfg, self.mesh)
         return self._ref_fn
 
-    def _reference_phase(self, t: int, recs, ref_params) -> None:
-        *seqs, npairs = self._pair_sequences(t, recs)
+    def _reference_phase(self, t: int, ref_params) -> None:
+        pairs = self._pairs(t)
+        npairs = len(pairs)
         bs = self.cfg.online.batch_size
         out = {f"ref_{k}_logps": np.zeros(npairs, np.float32) for k in ("chosen", "rejected", "refresp")}
         fn = self._reference_fn()
+        mine = local_batch_rows(bs, self.mesh)
         for s in range(0, npairs, bs):
-            rows = np.arange(s, s + bs) % npairs  # fixed batch shape; wrapped rows are discarded
-            res = to_host(fn(ref_params, self._batch_rows(seqs, rows)))
+            rows = (np.arange(s, s + bs) % npairs)[mine]  # fixed batch shape; wrapped rows are discarded
+            res = to_host(fn(ref_params, make_global_batch(pairs.batch(rows), self.mesh, bs)))
             real = min(bs, npairs - s)
             for k in out:
                 out[k][s : s + real] = np.asarray(res[k])[:real]
         self._write_arrays(self._iter_dir(t) / "reference.safetensors", out)
 
-    def _train_phase(self, t: int, start_params, flag: _SigtermFlag, recs=None):
+    def _train_phase(self, t: int, start_params, flag: _SigtermFlag):
         cfg, o = self.cfg, self.cfg.online
-        recs = self.prompts.iteration(t) if recs is None else recs
-        *seqs, npairs = self._pair_sequences(t, recs)
+        pairs = self._pairs(t)
+        npairs = len(pairs)
         if npairs == 0:
             self.log(f"iteration {t}: no preference pairs (all ties?) - policy unchanged")
             return start_params
@@ -602,6 +674,7 @@ class OnlineRun:
         tx = make_optimizer(opt_cfg)
         step_fn = make_preference_step(self.model_cfg, train_cfg, tx, self.mesh)
         needed = responses_for(train_cfg.loss)
+        mine = local_batch_rows(bs, self.mesh)  # this process's rows of each global batch
         with Checkpointer(self._iter_dir(t) / "ckpt", max_to_keep=2,
                           async_save=cfg.run.async_checkpoints) as ck:
             start = ck.latest_step()
@@ -615,12 +688,11 @@ class OnlineRun:
                 state, _ = ck.restore(target, step=start)
             for s in _progress(range(start, total), total=total - start, desc=f"iter {t} train",
                                enabled=self.progress):
-                rows = order[s * bs : (s + 1) * bs]
-                batch = self._batch_rows(seqs, rows)
-                batch = {k: v for k, v in batch.items() if k.split("_")[0] in needed}
+                rows = order[s * bs : (s + 1) * bs][mine]
+                batch = pairs.batch(rows, needed)
                 for name in needed:
                     batch[f"ref_{name}_logps"] = ref[f"ref_{name}_logps"][rows]
-                state, m = step_fn(state, batch)
+                state, m = step_fn(state, make_global_batch(batch, self.mesh, bs))
                 self.metrics.write("train", s + 1, to_host(m), iteration=t, iter_step=s + 1)
                 fault_point(f"iter{t}/train/step{s + 1}")
                 stop = any_process(flag.raised)  # all hosts checkpoint (a collective) together
@@ -639,12 +711,15 @@ class OnlineRun:
         if path.exists():  # done before a kill: re-emit its metrics record (truncated on resume)
             self.metrics.write("iteration", t, read_json(path)["metrics"], iteration=t)
             return
-        recs = self._eval_set
-        prompt_ids = [r["prompt_ids"] for r in recs]
-        prompts = [r["prompt"] for r in recs]
+        count = self.prompts.evaluation_size()
         key = jax.random.fold_in(jax.random.fold_in(self.key, t), 2)
-        greedy = self._gen(params, prompt_ids, key=key, n=1, greedy=True, temperature=1.0, flag=None,
-                           desc=f"iter {t} eval")
+        greedy, recs = self._gen(params, count, self.prompts.evaluation, key=key, n=1, greedy=True,
+                                 temperature=1.0, flag=None, desc=f"iter {t} eval")
+        self._share_records(self._iter_dir(t) / "eval_prompts", recs)
+        # The texts the judge reads (process 0 only; the others' rows are NaN, never written).
+        prompts = ([r["prompt"] for r in self._shared_records(self._iter_dir(t) / "eval_prompts", count)]
+                   if is_primary() else [""] * count)
+        prompt_ids = self._prompt_ids(greedy)
         resp = self._responses(greedy["tokens"][:, 0], greedy["lengths"][:, 0])
         texts = [self._text(r) for r in resp]
         scores = self._eval_score(prompts, texts)
@@ -656,8 +731,9 @@ class OnlineRun:
         }
         # One temperature-1 sample per prompt: the policy's own distribution (what the preference
         # updates move), its accuracy, and KL(pi || pi_ref) ~ E_y~pi[log pi(y|x) - log pi_ref(y|x)].
-        sampled = self._gen(params, prompt_ids, key=jax.random.fold_in(key, 1), n=1, greedy=False,
-                            temperature=1.0, flag=None, desc=f"iter {t} sample")
+        sampled, _ = self._gen(params, count, lambda pos: [recs[int(i)] for i in pos],
+                               key=jax.random.fold_in(key, 1), n=1, greedy=False, temperature=1.0, flag=None,
+                               desc=f"iter {t} sample")
         s_resp = self._responses(sampled["tokens"][:, 0], sampled["lengths"][:, 0])
         s_texts = [self._text(r) for r in s_resp]
         s_scores = self._eval_score(prompts, s_texts)
@@ -693,20 +769,16 @@ class OnlineRun:
         return np.full(len(texts), np.nan)
 
     def _sequence_logps(self, params, prompts: list[list[int]], responses: list[list[int]]) -> np.ndarray:
-        longest = max(len(p) + len(r) for p, r in zip(prompts, responses))
-        seqs = _pack(prompts, responses, bucket_length(longest, multiple=8), self.pad)
+        seqs = _Pairs([{"prompt_index": i, "chosen": i, "rejected": i, "refresp": i} for i in range(len(prompts))],
+                      prompts, responses, self.prompts.encode_response, self.pad)
         fn = self._reference_fn()
         bs = self.cfg.online.batch_size
+        mine = local_batch_rows(bs, self.mesh)
         n = len(prompts)
         out = np.zeros(n, np.float32)
         for s in range(0, n, bs):
-            rows = np.arange(s, s + bs) % n
-            batch = {}
-            for name in ("chosen", "rejected", "refresp"):
-                batch[f"{name}_tokens"] = seqs.tokens[rows]
-                batch[f"{name}_mask"] = seqs.mask[rows]
-                batch[f"{name}_loss_mask"] = seqs.loss_mask[rows]
-            res = to_host(fn(params, batch))
+            rows = (np.arange(s, s + bs) % n)[mine]
+            res = to_host(fn(params, make_global_batch(seqs.batch(rows), self.mesh, bs)))
             real = min(bs, n - s)
             out[s : s + real] = np.asarray(res["ref_chosen_logps"])[:real]
         return out

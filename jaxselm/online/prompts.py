@@ -9,12 +9,13 @@ to the policy, chat template applied) and, when the data has them, ``chosen`` / 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 from jaxselm.data.iteration import iteration_indices
-from jaxselm.data.tasks import Task, generate_examples, make_demonstrations, make_task
+from jaxselm.data.tasks import Task, make_demonstrations, make_task
 from jaxselm.data.tokenizer import Tokenizer, load_tokenizer
 from jaxselm.errors import ConfigError, DataError
 from jaxselm.online.config import RunConfig
@@ -37,21 +38,57 @@ def _text_of(messages_or_text: Any) -> str:
     return ""
 
 
+ENV_READ_LOG = "JAXSELM_READ_LOG"
+
+
 class PromptSet:
-    """Training prompts per iteration, evaluation prompts, and SFT demonstrations."""
+    """Training prompts per iteration, evaluation prompts, and SFT demonstrations.
+
+    Every set is addressed by position, and only the positions asked for are read (a synthetic
+    task makes just those examples; a prepared dataset is read by random access): in a
+    multi-process run each host reads the rows its devices hold, never the whole dataset.
+    With ``JAXSELM_READ_LOG=<dir>`` every read is appended to ``<dir>/reads.p<process>.jsonl``
+    (``{"set": "train"|"eval"|"sft", "positions": [...]}``, train reads with their ``iteration``),
+    to check which host read what.
+    """
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer, work_dir: Path):
         self.cfg = cfg
         self.tok = tokenizer
         self.seed = cfg.run.seed
         self.task: Task | None = None
-        self._rows: Any = None
-        self._eval_rows: list[dict[str, Any]] | None = None
+        self._src: Any = None  # the prepared prompts (random access)
+        self._eval_src: Any = None
+        self._n_train = 0
+        self._eval_start = 0
+        self._n_eval = 0
         data = cfg.data
         if data.source == "task":
             self.task = make_task(data.task, **data.task_settings)
         else:
-            self._rows, self._eval_rows = _load_prompt_rows(cfg, work_dir)
+            self._open_sources(work_dir)
+        log_dir = os.environ.get(ENV_READ_LOG)
+        self._read_log = Path(log_dir) / f"reads.p{_process_index()}.jsonl" if log_dir else None
+
+    def _open_sources(self, work_dir: Path) -> None:
+        cfg = self.cfg
+        self._src = _prompt_source(cfg, work_dir, cfg.data.prompts_path, "prompts_path")
+        n = len(self._src)
+        if cfg.data.eval_prompts_path:
+            self._eval_src = _prompt_source(cfg, work_dir, cfg.data.eval_prompts_path, "eval_prompts_path")
+            self._n_train, self._eval_start, self._n_eval = n, 0, len(self._eval_src)
+        else:  # hold out the last rows of the (prepared, shuffled) order
+            n_eval = min(cfg.online.num_eval_prompts or cfg.data.num_eval_prompts, max(n // 10, 1))
+            self._eval_src = self._src
+            self._n_train, self._eval_start, self._n_eval = n - n_eval, n - n_eval, n_eval
+        if self._n_train < 1:
+            raise DataError(f"{cfg.data.prompts_path}: no usable prompts")
+
+    def _log_reads(self, which: str, positions: Any, **where: int) -> None:
+        if self._read_log is not None:
+            self._read_log.parent.mkdir(parents=True, exist_ok=True)
+            with open(self._read_log, "a") as f:
+                f.write(json.dumps({"set": which, **where, "positions": [int(i) for i in positions]}) + "\n")
 
     # -- encoding ------------------------------------------------------------------------------
     def encode_prompt(self, rec: dict[str, Any]) -> list[int]:
@@ -83,40 +120,77 @@ class PromptSet:
             out.append(r)
         return out
 
+    @staticmethod
+    def _positions(positions: Any, size: int, what: str) -> list[int]:
+        if positions is None:
+            return list(range(size))
+        out = [int(i) for i in positions]
+        for i in out:
+            if not 0 <= i < size:
+                raise IndexError(f"{what}: position {i} out of range ({size} rows)")
+        return out
+
     # -- sets ----------------------------------------------------------------------------------
-    def iteration(self, t: int) -> list[dict[str, Any]]:
-        """Prompts of iteration t (1-based), disjoint from every other iteration's."""
+    def iteration_size(self, t: int) -> int:
+        """How many prompts iteration t (1-based) reads."""
         n = self.cfg.online.prompts_per_iteration
         if self.task is not None:
-            recs = list(generate_examples(self.task, n, seed=self.seed, split="train", start=(t - 1) * n))
-            return self._finish(recs)
-        idx = iteration_indices(len(self._rows), self.cfg.online.iterations, t - 1, self.seed)[:n]
-        return self._finish([self._rows[int(i)] for i in idx])
+            return n
+        return len(iteration_indices(self._n_train, self.cfg.online.iterations, t - 1, self.seed)[:n])
+
+    def iteration(self, t: int, positions: Any = None) -> list[dict[str, Any]]:
+        """Prompts of iteration t (1-based), disjoint from every other iteration's: all of them,
+        or those at ``positions`` (0 .. iteration_size(t) - 1)."""
+        pos = self._positions(positions, self.iteration_size(t), f"iteration {t}")
+        self._log_reads("train", pos, iteration=t)
+        n = self.cfg.online.prompts_per_iteration
+        if self.task is not None:
+            return self._finish([self.task.example(self.seed, "train", (t - 1) * n + i) for i in pos])
+        idx = iteration_indices(self._n_train, self.cfg.online.iterations, t - 1, self.seed)[:n]
+        return self._finish(self._src.get_many([int(idx[i]) for i in pos]) if pos else [])
 
     def iteration_all(self) -> list[dict[str, Any]]:
         """Every training row (offline training)."""
         if self.task is not None:
             raise ConfigError("data.source: offline training needs a preference file, not a task")
-        return self._finish(list(self._rows))
+        self._log_reads("train", range(self._n_train))
+        return self._finish(self._src.get_many(list(range(self._n_train))))
 
-    def evaluation(self) -> list[dict[str, Any]]:
+    def evaluation_size(self) -> int:
         n = self.cfg.online.num_eval_prompts or self.cfg.data.num_eval_prompts
-        if self.task is not None:
-            return self._finish(list(generate_examples(self.task, n, seed=self.seed, split="test")))
-        return self._finish(self._eval_rows[:n])
+        return n if self.task is not None else min(n, self._n_eval)
 
-    def demonstrations(self) -> list[dict[str, Any]]:
-        """SFT data: {"prompt_ids", "response_ids"}; the task's imperfect demonstrations, or the
-        dataset's chosen responses."""
-        sft = self.cfg.sft
+    def evaluation(self, positions: Any = None) -> list[dict[str, Any]]:
+        """The fixed held-out prompts: all, or those at ``positions``."""
+        pos = self._positions(positions, self.evaluation_size(), "evaluation")
+        self._log_reads("eval", pos)
         if self.task is not None:
-            recs = make_demonstrations(self.task, sft.demonstrations, seed=self.seed,
-                                       corrupt_prob=sft.corrupt_prob, split="validation")
+            return self._finish([self.task.example(self.seed, "test", i) for i in pos])
+        return self._finish(self._eval_src.get_many([self._eval_start + i for i in pos]) if pos else [])
+
+    def demonstration_count(self) -> int:
+        n = self.cfg.sft.demonstrations
+        return n if self.task is not None else min(n, self._n_train)
+
+    def demonstrations(self, positions: Any = None) -> list[dict[str, Any]]:
+        """SFT data: {"prompt_ids", "response_ids", "corrupted"}; the task's imperfect
+        demonstrations, or the chosen responses of the first training rows (every one of them
+        must have one)."""
+        sft = self.cfg.sft
+        pos = self._positions(positions, self.demonstration_count(), "demonstrations")
+        self._log_reads("sft", pos)
+        if self.task is not None:
+            recs = [make_demonstrations(self.task, 1, seed=self.seed, corrupt_prob=sft.corrupt_prob,
+                                        split="validation", start=i)[0] for i in pos]
         else:
-            recs = [r for r in (self._rows[i] for i in range(len(self._rows))) if r.get("chosen")]
-            recs = [{**r, "response": _text_of(r["chosen"])} for r in recs[: sft.demonstrations]]
-            if not recs:
-                raise DataError(f"{self.cfg.data.prompts_path}: no 'chosen' responses for SFT")
+            recs = []
+            for r in (self._src.get_many(pos) if pos else []):
+                if not r.get("chosen"):
+                    raise DataError(f"{self.cfg.data.prompts_path}: row {r.get('id')!r} (prompt "
+                                    f"{str(r.get('prompt', ''))[:40]!r}) has no 'chosen' "
+                                    f"response for SFT (sft uses the first sft.demonstrations="
+                                    f"{sft.demonstrations} rows; or set sft.steps=0)")
+                recs.append({**r, "response": _text_of(r["chosen"])})
         out = []
         for r in recs:
             out.append({"prompt_ids": self.encode_prompt(r), "response_ids": self.encode_response(r["response"]),
@@ -124,28 +198,34 @@ class PromptSet:
         return out
 
 
-def _load_prompt_rows(cfg: RunConfig, work_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Prepare (once, cached under the run's data/ folder) and read the prompts file(s)."""
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _prompt_source(cfg: RunConfig, work_dir: Path, path: str, tag: str):
+    """The prepared prompts file (random access). Prepared once, cached under the run's data/
+    folder; with several processes process 0 prepares while the others wait, then all open it."""
     from jaxselm.data.builders import PromptSource, prepare_prompts
+    from jaxselm.parallel.multihost import any_process, barrier, is_primary
 
-    def source_for(path: str, tag: str) -> PromptSource:
-        p = Path(path)
-        if p.is_dir() and (p / "dataset_info.json").is_file():
-            return PromptSource.from_directory(p)
-        if not p.exists():
-            raise ConfigError(f"data.{tag}: file not found: {path}")
-        digest = hashlib.sha1(os.fspath(p.resolve()).encode()).hexdigest()[:10]
-        builder = prepare_prompts({"files": [os.fspath(p)]}, work_dir / "data" / f"{tag}-{digest}")
-        return PromptSource(builder)
-
-    src = source_for(cfg.data.prompts_path, "prompts_path")
-    rows = [src[i] for i in range(len(src))]
-    if cfg.data.eval_prompts_path:
-        ev = source_for(cfg.data.eval_prompts_path, "eval_prompts_path")
-        eval_rows = [ev[i] for i in range(len(ev))]
-    else:  # hold out the last rows of the shuffled order
-        n_eval = min(cfg.online.num_eval_prompts or cfg.data.num_eval_prompts, max(len(rows) // 10, 1))
-        eval_rows, rows = rows[-n_eval:], rows[:-n_eval]
-    if not rows:
-        raise DataError(f"{cfg.data.prompts_path}: no usable prompts")
-    return rows, eval_rows
+    p = Path(path)
+    if p.is_dir() and (p / "dataset_info.json").is_file():
+        return PromptSource.from_directory(p)
+    if not p.exists():
+        raise ConfigError(f"data.{tag}: file not found: {path}")
+    digest = hashlib.sha1(os.fspath(p.resolve()).encode()).hexdigest()[:10]
+    data_dir = work_dir / "data" / f"{tag}-{digest}"
+    failed: BaseException | None = None
+    if is_primary():
+        try:
+            prepare_prompts({"files": [os.fspath(p)]}, data_dir)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the others know
+            failed = err
+    if any_process(failed is not None):
+        if failed is not None:
+            raise failed
+        raise DataError(f"data.{tag}: preparing {path} failed on process 0 (its error says why)")
+    barrier(f"prepared {data_dir}")
+    return PromptSource(prepare_prompts({"files": [os.fspath(p)]}, data_dir))

@@ -10,7 +10,12 @@ from jaxselm.parallel.mesh import (
     resolve_mesh_shape,
     single_device_mesh,
 )
-from jaxselm.parallel.multihost import initialize_distributed, make_global_batch, process_batch_rows
+from jaxselm.parallel.multihost import (
+    initialize_distributed,
+    local_batch_rows,
+    make_global_batch,
+    process_max,
+)
 from jaxselm.parallel.rules import (
     LOGICAL_AXIS_RULES,
     batch_sharding,
@@ -31,12 +36,13 @@ __all__ = [
     "batch_shardings",
     "fit_spec_to_shape",
     "initialize_distributed",
+    "local_batch_rows",
     "logical_to_mesh_spec",
     "make_global_batch",
     "make_mesh",
     "opt_state_shardings",
     "param_shardings",
-    "process_batch_rows",
+    "process_max",
     "replicated",
     "resolve_mesh_shape",
     "single_device_mesh",

@@ -32,8 +32,8 @@ down cleanly).
 With one process (a laptop, one GPU machine, the tests) every helper is a no-op or the identity,
 so single-process code paths and results are untouched.
 
-:func:`make_global_batch` / :func:`process_batch_rows` serve data pipelines where each host reads
-only its rows of the global batch (``jax.make_array_from_process_local_data``).
+:func:`local_batch_rows` / :func:`make_global_batch` serve the data path: each host loads only
+the rows of a global batch its devices hold, and the global array is assembled from those.
 """
 
 from __future__ import annotations
@@ -272,40 +272,67 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(_leaf_to_host, tree)
 
 
-def process_batch_rows(global_batch_size: int) -> tuple[int, int]:
-    """The ``[lo, hi)`` rows of each global batch this process loads (contiguous, equal shares)."""
-    n = jax.process_count()
-    if global_batch_size % n:
-        raise ConfigError(
-            f"train.batch_size: {global_batch_size} is not divisible by the {n} processes"
-        )
-    per = global_batch_size // n
-    return jax.process_index() * per, (jax.process_index() + 1) * per
+def process_max(value: int) -> int:
+    """The largest ``value`` over all processes (identity with one process)."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(np.asarray(multihost_utils.process_allgather(np.asarray([int(value)], np.int64))).max())
+
+
+def local_batch_rows(
+    global_size: int, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES
+) -> np.ndarray:
+    """Rows ``[k]`` (sorted, int64) of a global batch of ``global_size`` rows that this process's
+    devices hold under the batch sharding; the only rows this process must load.
+
+    Read from the sharding itself, so it is right for any mesh layout (hosts need not own
+    contiguous blocks). When the batch cannot be split over the batch mesh axes it is
+    replicated and every process holds (and loads) every row. With one process: all rows.
+    """
+    if global_size < 1:
+        raise ConfigError(f"batch size: must be >= 1, got {global_size}")
+    if jax.process_count() == 1:
+        return np.arange(global_size, dtype=np.int64)
+    sharding = batch_sharding((global_size,), mesh, rules)
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((global_size,)).values():
+        rows.update(range(*index[0].indices(global_size)))
+    return np.asarray(sorted(rows), dtype=np.int64)
 
 
 def make_global_batch(
     local_batch: Mapping[str, Any],
     mesh: jax.sharding.Mesh,
+    global_size: int,
     rules: Rules = LOGICAL_AXIS_RULES,
-) -> dict[str, jax.Array]:
-    """Global arrays (leading "batch" dim sharded per the rules) from this process's rows.
+) -> dict[str, Any]:
+    """Global batch arrays (leading "batch" dim sharded per the rules) from this process's rows.
 
-    Every process passes arrays with the same per-process leading size; the global leading size
-    is that times ``jax.process_count()``. The sharding is the one the train step expects, so the
-    result can be fed to it without resharding.
+    ``local_batch[name]`` holds the rows ``local_batch_rows(global_size, mesh, rules)`` of the
+    global batch, in that order; no process ever materialises the others' rows. The sharding is
+    the one the train step expects, so the result feeds it without resharding. With one process
+    the (whole) numpy batch is returned unchanged: the step places it as before.
     """
-    n = jax.process_count()
-    out: dict[str, jax.Array] = {}
+    rows = local_batch_rows(global_size, mesh, rules)
+    for name, local in local_batch.items():
+        if np.ndim(local) == 0:
+            raise ConfigError(f"batch.{name}: expected a leading batch dimension, got a scalar")
+        if np.shape(local)[0] != len(rows):
+            raise ConfigError(f"batch.{name}: this process holds {len(rows)} of the {global_size} "
+                              f"rows, got {np.shape(local)[0]}")
+    if jax.process_count() == 1:
+        return dict(local_batch)
+    where = {int(r): i for i, r in enumerate(rows)}
+    out: dict[str, Any] = {}
     for name, local in local_batch.items():
         local = np.asarray(local)
-        if local.ndim == 0:
-            raise ConfigError(f"batch.{name}: expected a leading batch dimension, got a scalar")
-        global_shape = (local.shape[0] * n, *local.shape[1:])
-        sharding = batch_sharding(global_shape, mesh, rules)
-        if n > 1 and sharding.spec[:1] in ((), (None,)):
-            raise ConfigError(
-                f"batch.{name}: global batch {global_shape[0]} cannot be split over the batch "
-                f"mesh axes {dict(mesh.shape)}"
-            )
-        out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
+        shape = (global_size, *local.shape[1:])
+
+        def shard(index: tuple, local=local) -> np.ndarray:
+            picked = [where[r] for r in range(*index[0].indices(global_size))]
+            return local[picked][(slice(None), *index[1:])]
+
+        out[name] = jax.make_array_from_callback(shape, batch_sharding(shape, mesh, rules), shard)
     return out

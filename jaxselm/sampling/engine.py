@@ -134,6 +134,24 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def _row_blocks(arr: jax.Array) -> list[tuple[int, np.ndarray]]:
+    """(first global row, host copy) of each distinct block of rows this process holds."""
+    seen: dict[int, np.ndarray] = {}
+    for shard in arr.addressable_shards:
+        start = shard.index[0].start or 0
+        if start not in seen:
+            seen[start] = np.asarray(shard.data)
+    return sorted(seen.items())
+
+
+def _shift_row(message: str, offset: int) -> str:
+    """'prompts[i]: ...' of a block starting at row ``offset`` -> the global row."""
+    head, sep, rest = message.partition("]")
+    if sep and head.startswith("prompts[") and head[8:].isdigit():
+        return f"prompts[{int(head[8:]) + offset}]{rest}"
+    return message
+
+
 def _validate_prompts(
     tokens: np.ndarray, mask: np.ndarray, config: ModelConfig, max_new_tokens: int
 ) -> None:
@@ -370,7 +388,22 @@ def _prepare(
                 f"stop_token_ids: {x} is outside the vocabulary [0, {config.vocab_size})"
             )
 
-    if isinstance(prompts, (jax.Array, np.ndarray)):
+    if isinstance(prompts, jax.Array) and not prompts.is_fully_addressable:
+        # A global batch spanning other hosts (multi-process): each process checks the rows it
+        # holds, and the arrays stay where they are.
+        tok_arr, mask_arr = prompts, prompt_mask
+        if tok_arr.ndim != 2 or not jnp.issubdtype(tok_arr.dtype, jnp.integer):
+            raise DataError(f"prompts: expected an int array [B, T], got {tok_arr.dtype} {tok_arr.shape}")
+        if not isinstance(mask_arr, jax.Array) or mask_arr.shape != tok_arr.shape:
+            raise DataError(f"prompt_mask: a global batch of prompts needs a global mask shaped {tok_arr.shape}")
+        for t_shard, m_shard in zip(_row_blocks(tok_arr), _row_blocks(mask_arr)):
+            try:
+                _validate_prompts(t_shard[1], m_shard[1].astype(bool), config, max_new_tokens)
+            except DataError as err:  # name the global row
+                raise DataError(_shift_row(str(err), t_shard[0])) from None
+        tok_arr = jnp.where(mask_arr.astype(bool), tok_arr, 0).astype(jnp.int32)
+        mask_arr = mask_arr.astype(bool)
+    elif isinstance(prompts, (jax.Array, np.ndarray)):
         tokens = np.asarray(prompts)
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
             raise DataError(
@@ -387,8 +420,10 @@ def _prepare(
         if prompt_mask is not None:
             raise DataError("prompt_mask: only allowed with an array of prompts, not id lists")
         tokens, mask = pad_prompts(prompts, pad_id=pad_id)
-    _validate_prompts(tokens, mask, config, max_new_tokens)
-    tokens = np.where(mask, tokens, 0).astype(np.int32)  # the model sees id 0 in padding slots
+    if not isinstance(prompts, jax.Array) or prompts.is_fully_addressable:
+        _validate_prompts(tokens, mask, config, max_new_tokens)
+        tokens = np.where(mask, tokens, 0).astype(np.int32)  # the model sees id 0 in padding slots
+        tok_arr, mask_arr = jnp.asarray(tokens), jnp.asarray(mask)
 
     rules: Rules = tuple(
         (name, tuple(axes) if isinstance(axes, list) else axes)
@@ -403,7 +438,6 @@ def _prepare(
         rules=rules if mesh is not None else (),
     )
     scalars = [jnp.asarray(v, jnp.float32) for v in (temperature, top_p, min_p)]
-    tok_arr, mask_arr = jnp.asarray(tokens), jnp.asarray(mask)
     if mesh is not None:
         # Inputs are placed by the rules and the loop state is constrained explicitly; XLA's
         # propagation lays out the model's activations from there. (Installing the rules with

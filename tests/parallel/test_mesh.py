@@ -14,12 +14,12 @@ from jaxselm.parallel import (
     MeshConfig,
     batch_sharding,
     fit_spec_to_shape,
+    local_batch_rows,
     logical_to_mesh_spec,
     make_global_batch,
     make_mesh,
     opt_state_shardings,
     param_shardings,
-    process_batch_rows,
     resolve_mesh_shape,
 )
 from jaxselm.train.optimizer import OptimizerConfig, make_optimizer
@@ -129,17 +129,17 @@ def test_batch_sharding():
 
 def test_make_global_batch_single_process():
     mesh = make_mesh((2, 4, 1))
-    assert process_batch_rows(16) == (0, 16)
+    # One process holds every row; the batch is handed back for the step to place (as before).
+    np.testing.assert_array_equal(local_batch_rows(16, mesh), np.arange(16))
     local = {"tokens": np.arange(16 * 3, dtype=np.int32).reshape(16, 3),
              "logps": np.linspace(-1, 0, 16, dtype=np.float32)}
-    glob = make_global_batch(local, mesh)
+    glob = make_global_batch(local, mesh, 16)
     for name, arr in local.items():
-        assert glob[name].shape == arr.shape
-        assert glob[name].sharding.spec == P(("data", "fsdp"))
         np.testing.assert_array_equal(np.asarray(glob[name]), arr)
-        assert len(glob[name].addressable_shards) == 8
-    with pytest.raises(ConfigError, match="batch.x"):
-        make_global_batch({"x": np.float32(1.0)}, mesh)
+    with pytest.raises(ConfigError, match="batch.x: expected a leading batch dimension"):
+        make_global_batch({"x": np.float32(1.0)}, mesh, 16)
+    with pytest.raises(ConfigError, match="batch.tokens: this process holds 16 of the 16 rows, got 8"):
+        make_global_batch({"tokens": local["tokens"][:8]}, mesh, 16)
 
 
 def test_arrays_placed_with_param_shardings_have_those_specs():

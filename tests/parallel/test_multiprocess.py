@@ -3,9 +3,10 @@
 JAX's multi-controller runtime is started with the explicit coordinator settings
 (JAXSELM_COORDINATOR / JAXSELM_NUM_PROCESSES / JAXSELM_PROCESS_ID) and the CPU collectives go
 through gloo, so the pair runs the same code paths as the hosts of a TPU pod slice: a global mesh
-spanning devices of other processes, global arrays built from identical host data, outputs
+spanning devices of other processes, global arrays assembled from each host's rows, outputs
 all-gathered to every host, files written by process 0 behind barriers, orbax checkpoints written
-collectively. The pair's results must equal a single process with 8 devices running the same
+collectively, and data sharded per process (each host reads only the rows its devices hold). The
+pair's results must equal a single process with 8 devices running the same
 config, and the policy they saved must restore in one process.
 
 Also: a process started without its peer fails with the one-line error within the configured
@@ -93,14 +94,16 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run_pair(tmp: Path, cfg: Path, out: Path, env1: dict[str, str] | None = None):
+def _run_pair(tmp: Path, cfg: Path, out: Path, env1: dict[str, str] | None = None,
+              env_all: dict[str, str] | None = None):
     """Both processes of a 2 x 4 run; returns [(returncode, stdout, stderr)] by process id.
-    ``env1``: extra environment of process 1 only."""
+    ``env1``: extra environment of process 1 only; ``env_all``: of both."""
     port = _free_port()
     pair = []
     for pid in range(2):
         env = _env(tmp, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
-                   JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120", **((env1 or {}) if pid == 1 else {}))
+                   JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120",
+                   **(env_all or {}), **((env1 or {}) if pid == 1 else {}))
         pair.append(subprocess.Popen(_cmd(cfg, out), env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True))
     results = []
@@ -123,7 +126,7 @@ def runs(tmp_path_factory):
     cfg = tmp / "tiny.yaml"
     cfg.write_text(TINY.format(out=tmp / "unused"))
 
-    results = _run_pair(tmp, cfg, tmp / "pair")
+    results = _run_pair(tmp, cfg, tmp / "pair", env_all={"JAXSELM_READ_LOG": str(tmp / "reads")})
     for pid, (rc, _, err) in enumerate(results):
         assert rc == 0, f"process {pid}:\n{err[-4000:]}"
     outs = [(out, err) for _, out, err in results]
@@ -190,6 +193,29 @@ def test_pair_equals_single_process(runs):
 
 
 @pytest.mark.slow
+def test_each_host_reads_only_its_slice_of_the_data(runs):
+    """Per-process data sharding: of every global batch each host reads only the rows its 4
+    devices hold; the two hosts' reads are disjoint and together cover every prompt of every
+    iteration, every evaluation prompt and every SFT demonstration (4 steps x 8 = the 32 demos:
+    one epoch, so no row is needed twice)."""
+    tmp, _, _ = runs
+    reads: dict[tuple, list[set[int]]] = {}
+    for pid in range(2):
+        for line in (tmp / "reads" / f"reads.p{pid}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            key = (rec["set"], rec.get("iteration"))
+            reads.setdefault(key, [set(), set()])[pid].update(rec["positions"])
+    expected = {("sft", None): 32, ("eval", None): 8, ("train", 1): 8, ("train", 2): 8}
+    assert set(reads) == set(expected)
+    for key, size in expected.items():
+        mine, theirs = reads[key]
+        assert mine and theirs and not mine & theirs, (key, mine, theirs)
+        assert mine | theirs == set(range(size)), key
+    # Generation batches of 8 over 8 devices: process 0 holds rows 0-3, process 1 rows 4-7.
+    assert reads[("train", 1)] == [{0, 1, 2, 3}, {4, 5, 6, 7}]
+
+
+@pytest.mark.slow
 def test_pair_logs_once_and_checkpoint_restores_in_one_process(runs):
     tmp, outs, single = runs
     out0, out1 = (out for out, _ in outs)
@@ -247,6 +273,71 @@ def test_sigterm_on_one_host_stops_both_and_the_pair_resumes_exactly(runs):
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"iter {t} {k}")
     assert _metrics(out) == _metrics(tmp / "pair")
+
+
+PREFS_CFG = """
+run: {{output_dir: {out}, seed: 1, progress: false, async_checkpoints: false, tensorboard: false}}
+model: {{preset: tiny, vocab_size: 260}}
+data:
+  source: prompts
+  prompts_path: {prefs}
+  tokenizer: "builtin:bytes"
+  num_eval_prompts: 8
+sft: {{steps: 2, batch_size: 8, learning_rate: 3.0e-3, demonstrations: 16}}
+online: {{max_new_tokens: 4, generation_batch_size: 8, batch_size: 8}}
+judge: {{kind: programmatic, function: "jaxselm.data.tasks:score"}}
+mesh: {{data: -1}}
+"""
+
+
+@pytest.mark.slow
+def test_pair_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path):
+    """``jaxselm sft`` on a JSONL preference file by the pair: process 0 prepares the dataset
+    (TFDS array_record) while process 1 waits, then each reads only its rows (random access) of
+    the SFT batches and of the held-out prompts; the warm-started policy equals one process's."""
+    rng = np.random.default_rng(0)
+    rows, seen = [], set()
+    while len(rows) < 100:  # distinct prompts (preparation drops duplicates): 10 held out, 8 used
+        items = [int(x) for x in rng.integers(0, 9, size=3)]
+        if tuple(items) in seen:
+            continue
+        seen.add(tuple(items))
+        i = len(rows)
+        rows.append({"id": f"r{i}", "prompt": "sort " + " ".join(map(str, items)) + " =",
+                     "chosen": " ".join(map(str, sorted(items))), "rejected": " ".join(map(str, items))})
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "prefs.yaml"
+    cfg.write_text(PREFS_CFG.format(out=tmp_path / "unused", prefs=prefs))
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = _env(tmp_path, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
+                   JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120",
+                   JAXSELM_READ_LOG=str(tmp_path / "reads"))
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxselm", "sft", "--config", str(cfg),
+                                       f"run.output_dir={tmp_path / 'pair'}"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for pid, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 0, f"process {pid}:\n{err[-4000:]}"
+    single = subprocess.run([sys.executable, "-m", "jaxselm", "sft", "--config", str(cfg),
+                             f"run.output_dir={tmp_path / 'single'}"], env=_env(tmp_path, 8),
+                            capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-4000:]
+    a, b = _params(tmp_path / "pair" / "policy" / "iter_00"), _params(tmp_path / "single" / "policy" / "iter_00")
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=RTOL, atol=ATOL, err_msg=k)
+    assert len(list((tmp_path / "pair" / "data").iterdir())) == 1  # one prepared dataset
+    reads = {}
+    for pid in range(2):
+        for line in (tmp_path / "reads" / f"reads.p{pid}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            reads.setdefault(rec["set"], [set(), set()])[pid].update(rec["positions"])
+    assert set(reads) == {"sft", "eval"}
+    for name, size in (("sft", 16), ("eval", 8)):
+        mine, theirs = reads[name]
+        assert mine and theirs and not mine & theirs and mine | theirs == set(range(size)), (name, reads[name])
 
 
 def _abstract_like(ck, step):
