@@ -145,7 +145,9 @@ class LLMJudgeConfig(FrozenConfig):
     averaged, which cancels the judge's position bias); ``scoring`` asks for a score in
     [min_score, max_score]. Failed requests (timeouts, 5xx, 429, connection errors) are retried
     ``max_retries`` times with exponential back-off ``min(backoff_max_s, backoff_s * 2**k)``,
-    scaled by ``1 + jitter * u`` with u uniform in [-1, 1) from a RNG seeded with ``seed``.
+    scaled by ``1 + jitter * u`` with u uniform in [-1, 1) from a RNG seeded with ``seed``. A
+    429 / 503 reply's ``Retry-After`` (seconds or an HTTP date) lengthens that wait to what the
+    server asked for, up to ``retry_after_max_s``.
     """
 
     _error_prefix: ClassVar[str] = "judge"
@@ -161,6 +163,7 @@ class LLMJudgeConfig(FrozenConfig):
     max_retries: int = 3
     backoff_s: float = 1.0
     backoff_max_s: float = 30.0
+    retry_after_max_s: float = 120.0  # the longest server-requested wait (Retry-After) honoured
     jitter: float = 0.1
     seed: int = 0
     concurrency: int = 8  # requests in flight at most
@@ -217,7 +220,7 @@ class LLMJudgeConfig(FrozenConfig):
             raise ValueError("must be > 0")
         return v
 
-    @field_validator("temperature", "backoff_s", "backoff_max_s")
+    @field_validator("temperature", "backoff_s", "backoff_max_s", "retry_after_max_s")
     @classmethod
     def _non_negative(cls, v: float) -> float:
         if not v >= 0:

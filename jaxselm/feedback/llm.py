@@ -15,7 +15,9 @@ Each question is one ``POST {base_url}/chat/completions`` with
 Failure handling, so a flaky server costs items, not runs:
 
 * timeouts, connection errors, HTTP 5xx, 408 and 429 are retried up to ``max_retries`` times with
-  exponential back-off (429 is a 4xx, but it means "slow down", the one 4xx worth retrying);
+  exponential back-off (429 is a 4xx, but it means "slow down", the one 4xx worth retrying); a
+  ``Retry-After`` header (seconds or an HTTP date, sent with 429 / 503 by rate-limited APIs)
+  lengthens the wait to what the server asked, up to ``retry_after_max_s``;
 * other 4xx are not retried: 401/403/404 mean every request will fail the same way (bad key,
   wrong URL or model), so they raise a one-line JudgeError at once; the rest (e.g. 400 for one
   over-long prompt) mark that item NaN;
@@ -31,6 +33,7 @@ timeouts, HTTP and connection errors, latency) are in ``stats()``.
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import logging
@@ -53,6 +56,27 @@ from jaxselm.feedback.base import Judge, Response
 from jaxselm.feedback.config import LLMJudgeConfig
 
 log = logging.getLogger(__name__)
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date (RFC 9110);
+    None when absent or unreadable (then only the back-off applies)."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return max(0.0, seconds)
+
 
 _FAILED = object()  # a request that failed for good (after retries, or a non-retryable 4xx)
 _FATAL_STATUS = (401, 403, 404)
@@ -167,6 +191,7 @@ class LLMJudge(Judge):
             self._count("requests")
             t0 = time.monotonic()
             what = ""
+            asked: float | None = None
             try:
                 req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with self._opener.open(req, timeout=c.timeout_s) as resp:
@@ -178,6 +203,7 @@ class LLMJudge(Judge):
             except urllib.error.HTTPError as err:
                 self._count("http_errors")
                 status = err.code
+                asked = retry_after_seconds(err.headers.get("Retry-After") if err.headers else None)
                 err.close()
                 if status in _FATAL_STATUS:
                     abort.set()
@@ -208,6 +234,8 @@ class LLMJudge(Judge):
                 what = f"connection error ({type(err).__name__})"
             if attempt < c.max_retries:
                 delay = self._backoff(attempt)
+                if asked is not None:  # the server said how long to wait
+                    delay = max(delay, min(asked, c.retry_after_max_s))
                 self._count("retries")
                 log.warning(
                     "judge request to %s: %s; retry %d/%d in %.3g s",

@@ -48,7 +48,8 @@ def biased_reply(user: str) -> str:
 
 
 class FakeLLM:
-    """A chat-completions server; ``behavior(n, body)`` -> (status, reply text or raw bytes, delay_s)."""
+    """A chat-completions server; ``behavior(n, body)`` -> (status, reply text or raw bytes, delay_s)
+    or that plus a dict of extra response headers."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -73,7 +74,7 @@ class FakeLLM:
                     fake.inflight += 1
                     fake.max_inflight = max(fake.max_inflight, fake.inflight)
                 try:
-                    status, reply, delay = fake.behavior(n, body)
+                    status, reply, delay, *extra = fake.behavior(n, body)
                     time.sleep(delay)
                     if isinstance(reply, bytes):
                         payload = reply
@@ -94,6 +95,8 @@ class FakeLLM:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
+                    for name, value in (extra[0] if extra else {}).items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
@@ -303,6 +306,30 @@ def test_timeouts_are_retried_then_succeed(server):
         st["timeouts"] == 2 and st["retries"] == 2 and st["requests"] == 3 and st["failures"] == 0
     )
     assert sleeps == [0.01, 0.02]  # exponential back-off
+
+
+def test_retry_after_is_honoured_up_to_its_cap(server):
+    """A rate-limited API says how long to wait (429 + Retry-After): the judge waits that long
+    instead of its shorter back-off, but never longer than retry_after_max_s; an unreadable
+    header falls back to the back-off."""
+    headers = [{"Retry-After": "0.5"}, {"Retry-After": "3600"}, {"Retry-After": "soon"}]
+    server.behavior = lambda n, body: ((429, "", 0.0, headers[n]) if n < 3 else (200, "7", 0.0))
+    sleeps: list[float] = []
+    judge = judge_for(server, sleeps, mode="scoring", retry_after_max_s=2.0, max_retries=3)
+    np.testing.assert_array_equal(judge.score(["p"], ["answer 7"]), [7.0])
+    assert sleeps == [0.5, 2.0, 0.04]  # asked 0.5 s; asked an hour, capped; back-off 0.01 * 2**2
+
+
+def test_retry_after_header_forms():
+    from jaxselm.feedback.llm import retry_after_seconds
+
+    assert retry_after_seconds("120") == 120.0 and retry_after_seconds(" 1.5 ") == 1.5
+    assert retry_after_seconds("-3") == 0.0
+    now = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
+    assert retry_after_seconds("Tue, 14 Nov 2023 22:13:50 GMT", now=now) == 30.0
+    assert retry_after_seconds("Tue, 14 Nov 2023 22:13:00 GMT", now=now) == 0.0  # in the past
+    for bad in (None, "", "soon", "nan"):
+        assert retry_after_seconds(bad) is None
 
 
 def test_persistent_timeouts_give_nan_and_count_a_failure(server):
