@@ -1,4 +1,4 @@
-"""Llama-family decoder (RoPE / CoPE / both / none) as pure functions over a params pytree."""
+"""Llama-family decoder (RoPE / CoPE / both / none / learned absolute) as pure functions over params."""
 
 from jaxselm.model.api import (
     apply_with_cache,

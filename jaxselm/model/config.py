@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, mo
 
 from jaxselm.errors import ConfigError
 
-PositionMode = Literal["rope", "cope", "cope+rope", "none"]
+PositionMode = Literal["rope", "cope", "cope+rope", "none", "absolute"]
 DType = Literal["float32", "bfloat16", "float16"]
 CopeImpl = Literal["auto", "reference", "xla", "pallas_tpu", "pallas_gpu"]
 
@@ -97,14 +97,18 @@ class RopeScaling(FrozenConfig):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "RopeScaling":
+    def _check(self) -> RopeScaling:
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ValueError("high_freq_factor: must be > low_freq_factor")
         return self
 
 
 class ModelConfig(FrozenConfig):
-    """A Llama-family decoder (RMSNorm, SwiGLU, GQA) with RoPE, CoPE, both, or no positions."""
+    """A Llama-family decoder (RMSNorm, SwiGLU, GQA) with RoPE, CoPE, both, or no positions.
+
+    ``position="absolute"`` is the CoPE paper's learned absolute-position baseline (GPT-2 style): a
+    ``[max_position_embeddings, hidden_size]`` table added to the token embeddings at the input.
+    """
 
     _error_prefix: ClassVar[str] = "model"
 
@@ -162,7 +166,7 @@ class ModelConfig(FrozenConfig):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
+    def _check(self) -> ModelConfig:
         def bad(field: str, msg: str) -> ValueError:
             return ValueError(f"{field}: {msg}")
 
@@ -191,6 +195,11 @@ class ModelConfig(FrozenConfig):
     def uses_cope(self) -> bool:
         return self.position in ("cope", "cope+rope")
 
+    @property
+    def uses_absolute(self) -> bool:
+        """A learned absolute-position table added to the token embeddings (GPT-2 style)."""
+        return self.position == "absolute"
+
     def num_params(self, *, head: str = "lm") -> int:
         """Number of parameters of the model with the LM head (``head="lm"``) or reward head."""
         e, d = self.hidden_size, self.resolved_head_dim
@@ -202,6 +211,8 @@ class ModelConfig(FrozenConfig):
         n = l * per_layer + self.vocab_size * e + e  # embeddings and final norm
         if self.uses_cope:
             n += self.cope_npos_max * d * (1 if self.cope_shared_across_layers else l)
+        if self.uses_absolute:
+            n += self.max_position_embeddings * e
         if head == "lm":
             n += 0 if self.tie_embeddings else e * self.vocab_size
         else:
@@ -214,11 +225,14 @@ class ModelConfig(FrozenConfig):
         Forward: 2 * (matmul parameters, LM head included, embedding lookup excluded)
         + 4 * layers * heads * head_dim * seq_len (scores and weighted values) and, with CoPE,
         2 * layers * heads * head_dim * P for the position logits q E^T. Training is 3x forward.
+        The absolute-position table, like the token embedding, is a lookup: no matmul FLOPs.
         """
         e, d, h = self.hidden_size, self.resolved_head_dim, self.num_heads
         matmul_params = self.num_params() - self.vocab_size * e - (2 * self.num_layers + 1) * e
         if self.uses_cope:
             matmul_params -= self.cope_npos_max * d * (1 if self.cope_shared_across_layers else self.num_layers)
+        if self.uses_absolute:
+            matmul_params -= self.max_position_embeddings * e
         if self.tie_embeddings:
             matmul_params += self.vocab_size * e
         fwd = 2.0 * matmul_params + 4.0 * self.num_layers * h * d * seq_len

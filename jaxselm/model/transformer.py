@@ -3,6 +3,8 @@
 Layout (names chosen to map one-to-one onto HF LlamaForCausalLM tensors):
 
     embed                          [V, E]        ("vocab", "embed")
+    pos_embed                      [C, E]        (None, "embed")  learned absolute positions
+                                                 (position="absolute"; C = max_position_embeddings)
     layers/attn_norm/scale         [L, E]        ("layers", "embed")
     layers/attn/q_proj/kernel      [L, E, H, D]  ("layers", "embed", "heads", "head_dim")
     layers/attn/k_proj/kernel      [L, E, K, D]  ("layers", "embed", "kv_heads", "head_dim")
@@ -21,6 +23,8 @@ Layers are stacked by `nn.scan` (one compiled layer, a leading "layers" axis). I
 [B, T] with an attention mask [B, T] (True = real token; left padding for batched prompts);
 RoPE positions are counted over real tokens only, as HF does with position_ids. The KV cache is
 an explicit pytree (:class:`KVCache`) so prefill and decode are pure functions too.
+``position="absolute"`` looks up the same position ids (the cache's ``next_pos`` plus the
+real-token count) in a learned table added to the token embeddings, as GPT-2 does.
 """
 
 from __future__ import annotations
@@ -225,7 +229,15 @@ class Transformer(nn.Module):
             positions = base_pos + jnp.maximum(counts, 0)
 
         embedding = self.param("embed", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
-        x = jnp.take(embedding, tokens, axis=0).astype(dt)
+        x = jnp.take(embedding, tokens, axis=0)
+        if cfg.uses_absolute:
+            # GPT-2's wpe: the position ids RoPE would use (real tokens counted, cache offset
+            # added). The first dim is replicated (like the CoPE tables), the second follows embed.
+            # Ids outside the table give NaN (jnp.take's fill mode), never a silently reused row.
+            pos_table = self.param("pos_embed", _init((None, "embed")),
+                                   (cfg.max_position_embeddings, cfg.hidden_size), pdt)
+            x = x + jnp.take(pos_table, positions, axis=0, mode="fill", fill_value=jnp.nan)
+        x = x.astype(dt)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         shared_pos_emb = None

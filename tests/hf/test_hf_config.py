@@ -237,6 +237,11 @@ def test_missing_architecture_and_model_type():
 def test_export_refuses_cope_and_bad_arguments():
     with pytest.raises(ConfigError, match="model.position"):
         model_config_to_hf_config(get_preset("tiny-cope"))
+    for position in ("absolute", "none", "cope+rope"):  # Llama/Mistral have no such positions
+        with pytest.raises(ConfigError) as info:
+            model_config_to_hf_config(get_preset("tiny", position=position))
+        msg = str(info.value)
+        assert msg.startswith("model.position:") and repr(position) in msg and "\n" not in msg
     with pytest.raises(ConfigError, match="head"):
         model_config_to_hf_config(get_preset("tiny"), head="value")
     with pytest.raises(ConfigError, match="dtype"):

@@ -252,6 +252,13 @@ def test_save_checks_params_against_config(tmp_path):
         lambda: save_hf_checkpoint(get_preset("tiny-cope"), params, tmp_path / "c"),
         "position",
     )
+    absolute = CFG.replace(position="absolute")
+    msg = _error(
+        ConfigError,
+        lambda: save_hf_checkpoint(absolute, _params(absolute), tmp_path / "d"),
+        "'absolute'",
+    )
+    assert msg.startswith("model.position:"), msg
     assert not any(tmp_path.iterdir())
 
 

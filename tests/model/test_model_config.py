@@ -20,6 +20,32 @@ def test_each_preset_builds_and_counts_its_params(name):
         assert len(spec) == len(shape.shape)
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(position="absolute"),
+        dict(position="absolute", tie_embeddings=True),
+        dict(position="cope", cope_npos_max=8),
+        dict(position="cope+rope", cope_npos_max=8, cope_shared_across_layers=True),
+        dict(position="none"),
+    ],
+)
+def test_every_position_mode_counts_its_params(changes):
+    cfg = get_preset("tiny", **changes)
+    shapes = param_shapes(cfg)
+    assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == cfg.num_params()
+    if cfg.uses_absolute:
+        assert shapes["pos_embed"].shape == (cfg.max_position_embeddings, cfg.hidden_size)
+        # a replicated first dim and the token embedding's "embed": no new sharding rule needed
+        assert tuple(param_logical_axes(cfg)["pos_embed"]) == (None, "embed")
+        # a lookup like the token embedding: no matmul FLOPs
+        base = cfg.replace(position="none")
+        assert cfg.num_params() == base.num_params() + cfg.max_position_embeddings * cfg.hidden_size
+        assert cfg.flops_per_token(64) == base.flops_per_token(64)
+    else:
+        assert "pos_embed" not in shapes
+
+
 def test_published_parameter_counts():
     # Llama-3-8B: 8.03B; MAP-Neo-7B: 7.79B (both from their model cards / papers).
     assert get_preset("llama3-8b").num_params() == pytest.approx(8.03e9, rel=5e-3)
