@@ -64,6 +64,7 @@ from jaxselm.hf.config import (
     model_config_to_hf_config,
 )
 from jaxselm.model.config import ModelConfig
+from jaxselm.parallel.multihost import any_process, is_primary, to_host
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -497,7 +498,7 @@ def _tensors(
         spec, i = owner[name]
         leaf = leaves[spec.path]
         part = leaf[i] if spec.stacked else leaf
-        arr = np.asarray(jax.device_get(part))
+        arr = np.asarray(to_host(part))  # gathered from the other hosts when sharded across them
         return np.ascontiguousarray(spec.to_hf(arr).astype(np_dtype, copy=False))
 
     return [(n, owner[n][0].hf_shape) for n in order], produce
@@ -575,8 +576,10 @@ def save_hf_checkpoint(
     dtype: dtype of the written tensors (default ``config.param_dtype``). Everything is written to
     a temporary directory beside ``path`` and renamed into place, so a failure leaves nothing
     half-written; an existing non-empty ``path`` is replaced only with ``overwrite=True``.
-    Parameters are fetched to the host one tensor at a time, so they must be fully addressable
-    from this process (single-host runs; on a pod, gather them first and write from process 0).
+    Parameters are fetched to the host one tensor at a time. In a multi-process run (a pod slice)
+    every process must call this with the same arguments: each tensor sharded across hosts is
+    all-gathered (one at a time, so host memory holds one tensor), process 0 writes, and all
+    processes return once the directory is in place (``path`` on a filesystem all hosts share).
     """
     dest = Path(path)
     hf = model_config_to_hf_config(
@@ -597,7 +600,37 @@ def save_hf_checkpoint(
         )
     specs = _layout(config, head)
     names, produce = _tensors(config, params, specs, _NP_DTYPES[out_dtype])
+    if jax.process_count() == 1:
+        _write_checkpoint_dir(dest, hf, names, produce, out_dtype, max_bytes, head,
+                              bos_token_id, eos_token_id, pad_token_id)
+        return dest
+    failed: BaseException | None = None
+    done: list[str] = []
 
+    def counted(name: str) -> np.ndarray:
+        arr = produce(name)
+        done.append(name)
+        return arr
+
+    if is_primary():
+        try:
+            _write_checkpoint_dir(dest, hf, names, counted, out_dtype, max_bytes, head,
+                                  bos_token_id, eos_token_id, pad_token_id)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the others know
+            failed = err
+    # Every process runs every gather in the writer's order (the others write nothing; a failed
+    # writer finishes the gathers it skipped, so the collectives stay matched).
+    for name, _ in names[len(done):]:
+        produce(name)
+    if any_process(failed is not None):  # also the barrier: the directory is in place after it
+        if failed is not None:
+            raise failed
+        raise CheckpointError(f"{dest}: writing the HF checkpoint failed on process 0 (its error says why)")
+    return dest
+
+
+def _write_checkpoint_dir(dest: Path, hf: dict[str, Any], names, produce, out_dtype: str, max_bytes: int,
+                          head: Head, bos_token_id, eos_token_id, pad_token_id) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
@@ -640,7 +673,6 @@ def save_hf_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dest
 
 
 def iter_hf_tensors(

@@ -340,6 +340,68 @@ def test_pair_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path):
         assert mine and theirs and not mine & theirs and mine | theirs == set(range(size)), (name, reads[name])
 
 
+HF_EXPORT = """
+import sys
+
+import jax
+
+from jaxselm.parallel.multihost import initialize_distributed
+
+initialize_distributed(enabled=len(sys.argv) > 2)
+from jaxselm.hf import save_hf_checkpoint
+from jaxselm.model import get_preset, init_params, param_logical_axes
+from jaxselm.parallel import make_mesh, param_shardings
+
+cfg = get_preset("tiny")
+mesh = make_mesh((1, 8, 1))  # fsdp over all 8 devices: with two processes, every host holds half
+abstract = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+shardings = param_shardings(abstract, param_logical_axes(cfg), mesh)
+params = jax.jit(lambda k: init_params(cfg, k), out_shardings=shardings)(jax.random.key(7))
+split = sum(not x.is_fully_addressable for x in jax.tree.leaves(params))
+save_hf_checkpoint(cfg, params, sys.argv[1], max_shard_size="20KB")
+print("split leaves:", split)
+"""
+
+
+@pytest.mark.slow
+def test_hf_export_of_params_sharded_across_hosts(tmp_path):
+    """save_hf_checkpoint from 2 processes whose params are sharded across both (fsdp over 8
+    devices): each tensor is gathered, process 0 writes, and the files equal a single process's
+    export of the same params."""
+    from safetensors.numpy import load_file
+
+    script = tmp_path / "export.py"
+    script.write_text(HF_EXPORT)
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = _env(tmp_path, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
+                   JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120")
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "pair"), "distributed"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    for pid, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+        assert proc.returncode == 0, f"process {pid}:\n{err[-4000:]}"
+        outs.append(out)
+    assert all("split leaves: 0" not in o and "split leaves:" in o for o in outs), outs
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single")], env=_env(tmp_path, 8),
+                            capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
+    assert single.returncode == 0, single.stderr[-4000:]
+    pair_files = sorted(p.name for p in (tmp_path / "pair").iterdir())
+    assert pair_files == sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert "model.safetensors.index.json" in pair_files and len(pair_files) > 3  # several shards
+    for name in pair_files:
+        a, b = tmp_path / "pair" / name, tmp_path / "single" / name
+        if name.endswith(".safetensors"):
+            ta, tb = load_file(a), load_file(b)
+            assert ta.keys() == tb.keys()
+            for k in ta:
+                np.testing.assert_array_equal(ta[k], tb[k], err_msg=f"{name}:{k}")
+        else:
+            assert a.read_text() == b.read_text(), name
+
+
 def _abstract_like(ck, step):
     """The saved tree as ShapeDtypeStructs on this process's first device."""
     import jax
