@@ -436,7 +436,13 @@ class OnlineRun:
         wanted = sorted(set(np.concatenate(rows_of).tolist())) if rows_of else []
         demos = dict(zip(wanted, self.prompts.demonstrations(wanted)))
         longest = max((len(d["prompt_ids"]) + len(d["response_ids"]) for d in demos.values()), default=1)
-        length = bucket_length(process_max(longest), multiple=8)
+        longest = process_max(longest)
+        ctx = self.model_cfg.max_position_embeddings
+        if longest > ctx:
+            raise DataError(f"sft: a demonstration has {longest} tokens (prompt + response), over the model "
+                            f"context model.max_position_embeddings={ctx}; lower data.max_prompt_tokens or "
+                            "online.max_new_tokens")
+        length = bucket_length(longest, multiple=8)
         opt_cfg = cfg.train.optimizer.replace(learning_rate=sft.learning_rate, total_steps=sft.steps)
         train_cfg = cfg.train.replace(optimizer=opt_cfg)
         tx = make_optimizer(opt_cfg)

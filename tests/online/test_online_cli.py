@@ -80,3 +80,15 @@ def test_help_everywhere(cmd):
     res = subprocess.run([sys.executable, "-m", "jaxselm", cmd, "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "usage: jaxselm" in res.stdout
+
+
+def test_sft_demonstration_longer_than_the_context(tmp_path, capsys):
+    """Sequences past max_position_embeddings are refused, not trained on (a learned absolute
+    table would give NaN there, RoPE would silently extrapolate)."""
+    out = tmp_path / "run"
+    code, err = _run_main(capsys, ["sft", "--config", str(DEMO), f"run.output_dir={out}",
+                                   "model.max_position_embeddings=12", "run.progress=false"])
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "sft: a demonstration has 16 tokens (prompt + response), over the model context " \
+           "model.max_position_embeddings=12" in err
+    assert not (out / "policy").exists() and not (out / "sft").exists()
