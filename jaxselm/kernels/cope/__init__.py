@@ -13,7 +13,11 @@ Implementations (all differentiable wrt q, k, v and pos_emb, all matching the re
 * ``"xla"``: blockwise jnp with a custom VJP, O(T * block) memory (CPU, portable fallback).
 * ``"pallas_tpu"``: Mosaic TPU Pallas kernels (forward, dq and dk/dv backward kernels).
 * ``"pallas_gpu"``: Triton-backend Pallas kernels for NVIDIA GPUs (same three kernels).
-* ``"auto"``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise.
+* ``"auto"``: ``pallas_tpu`` on TPU, ``pallas_gpu`` on GPU, ``xla`` otherwise. On an accelerator
+  the Pallas kernel is first self-checked, once per (head dim, dtype, GQA group, P, causal): a
+  small problem of that kind is compiled and run, forward and gradients, against ``xla``. A
+  kernel that fails to compile or disagrees is not used: ``auto`` logs one warning and takes
+  ``xla``. (``JAXSELM_COPE_SELF_CHECK=0`` skips the check; naming an impl never checks.)
 
 The Pallas kernels run in interpret mode when the default backend is CPU (so the same kernels
 are tested on a laptop); pass ``interpret=True/False`` to force it.
@@ -21,7 +25,14 @@ are tested on a laptop); pass ``interpret=True/False`` to force it.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import logging
+import os
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from jaxselm.kernels.cope.blocks import BlockSizes
 from jaxselm.kernels.cope.common import check_inputs
@@ -30,14 +41,91 @@ from jaxselm.kernels.cope.reference import cope_attention_reference, cope_positi
 IMPLS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "auto")
 
 
+log = logging.getLogger(__name__)
+
+ENV_SELF_CHECK = "JAXSELM_COPE_SELF_CHECK"
+#: Query/key length of the self-check problem (two default tiles, so tile boundaries are crossed).
+SELF_CHECK_LEN = 256
+_CHECKED: dict[tuple, bool] = {}
+
+
+def _backend() -> str:
+    return jax.default_backend()
+
+
 def resolve_impl(impl: str) -> str:
-    """Name of the implementation ``impl`` stands for on the current default backend."""
+    """Name of the implementation ``impl`` stands for on the current default backend (before
+    ``auto``'s self-check of the Pallas kernels)."""
     if impl not in IMPLS:
         raise ValueError(f"cope_attention: unknown impl {impl!r}; expected one of {IMPLS}")
     if impl == "auto":
-        backend = jax.default_backend()
-        return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(backend, "xla")
+        return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(_backend(), "xla")
     return impl
+
+
+def _relative_error(got: jax.Array, want: jax.Array) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-6))
+
+
+def self_check(name: str, head_dim: int, dtype, group: int, npos: int, causal: bool) -> bool:
+    """Compile and run Pallas implementation ``name`` on a small problem of this kind, forward and
+    gradients of q, k, v and the position table, against ``xla``; True when it compiles and
+    agrees (relative max error <= 2e-3 in float32, 5e-2 in 16-bit types: a check for broken
+    lowering or tiling, not a precision test). Cached per process; logs why when it fails."""
+    key = (name, _backend(), head_dim, jnp.dtype(dtype).name, group, npos, causal)
+    if key in _CHECKED:
+        return _CHECKED[key]
+    n = SELF_CHECK_LEN
+    rng = np.random.default_rng(0)
+    shapes = {"q": (1, n, group, head_dim), "k": (1, n, 1, head_dim), "v": (1, n, 1, head_dim),
+              "pos_emb": (npos, head_dim)}
+    tol = 2e-3 if jnp.dtype(dtype) == jnp.float32 else 5e-2
+
+    def check() -> tuple[bool, str]:
+        args = {k: jnp.asarray(rng.standard_normal(s) * (0.5 if k == "pos_emb" else 1.0), dtype)
+                for k, s in shapes.items()}
+        mask = jnp.asarray(np.arange(n) >= 3)[None]  # a few padded keys
+        w = jnp.asarray(rng.standard_normal((1, n, group, head_dim)), jnp.float32)
+
+        def loss(impl_name, a):
+            out = cope_attention(a["q"], a["k"], a["v"], a["pos_emb"], kv_mask=mask, causal=causal,
+                                 impl=impl_name)
+            return jnp.sum(out.astype(jnp.float32) * w), out
+
+        def run(impl_name):
+            fn = jax.jit(jax.value_and_grad(functools.partial(loss, impl_name), has_aux=True))
+            (_, out), grads = fn(args)
+            return {"out": out, **{f"d{k}": g for k, g in grads.items()}}
+
+        got, want = run(name), run("xla")
+        errors = {k: _relative_error(got[k], want[k]) for k in want}
+        worst = max(errors, key=errors.get)
+        ok = all(np.isfinite(v) and v <= tol for v in errors.values())
+        return ok, f"{worst} differs from xla by {errors[worst]:.3g} (relative, tolerance {tol:g})"
+
+    # In a thread of its own: JAX's trace state is per thread, so the check compiles and runs now
+    # even when the caller is inside a jit trace (the model calls cope_attention while tracing).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cope-self-check") as pool:
+        try:
+            ok, why = pool.submit(check).result()
+        except Exception as err:  # noqa: BLE001 - any compile/run failure means: do not use it
+            ok, why = False, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    if not ok:
+        log.warning("cope_attention impl=auto: %s failed its self-check on %s (head_dim=%d, %s, group=%d, "
+                    "P=%d, causal=%s): %s; using xla. Set model.cope_impl=%s to see the failure, or xla "
+                    "to skip the check.", name, _backend(), head_dim, jnp.dtype(dtype).name, group, npos,
+                    causal, why, name)
+    _CHECKED[key] = ok
+    return ok
+
+
+def _auto(q: jax.Array, k: jax.Array, pos_emb: jax.Array, causal: bool) -> str:
+    name = resolve_impl("auto")
+    if name == "xla" or os.environ.get(ENV_SELF_CHECK, "1") == "0":
+        return name
+    ok = self_check(name, q.shape[-1], q.dtype, q.shape[2] // k.shape[2], pos_emb.shape[0], bool(causal))
+    return name if ok else "xla"
 
 
 def cope_attention(
@@ -60,7 +148,7 @@ def cope_attention(
     ``interpret`` forces Pallas interpret mode on or off (default: on when the backend is CPU).
     """
     check_inputs(q, k, v, pos_emb, kv_mask)
-    name = resolve_impl(impl)
+    name = _auto(q, k, pos_emb, causal) if impl == "auto" else resolve_impl(impl)
     kw = {"kv_mask": kv_mask, "causal": causal, "scale": scale, "q_offset": q_offset}
     if name == "reference":
         return cope_attention_reference(q, k, v, pos_emb, **kw)
@@ -90,4 +178,5 @@ __all__ = [
     "cope_attention_reference",
     "cope_positions",
     "resolve_impl",
+    "self_check",
 ]
