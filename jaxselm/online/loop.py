@@ -347,21 +347,9 @@ class OnlineRun:
                     self._iteration_zero(flag)
                     self._set_state(completed_iterations=0)
                 self._truncate_metrics(t)
-                recs = [r for r in self.prompts.iteration_all() if r.get("chosen") and r.get("rejected")]
-                if not recs:
-                    raise DataError(f"{self.cfg.data.prompts_path}: no rows with both chosen and rejected")
                 ref_params = self._load_policy(0)
                 if not self._policy_dir(t).exists():
-                    if not (d / "generate.safetensors").exists():
-                        out, _ = self._gen(ref_params, len(recs), lambda pos: [recs[int(i)] for i in pos],
-                                           key=jax.random.fold_in(self.key, 11), n=1, greedy=True,
-                                           temperature=1.0, flag=flag, desc="y_ref (greedy)")
-                        self._write_arrays(d / "generate.safetensors", out)
-                    if not (d / "judge.json").exists():
-                        pairs = [{"prompt_index": i, "chosen": _text_of(r["chosen"]),
-                                  "rejected": _text_of(r["rejected"]), "refresp": i,
-                                  "chosen_score": 1.0, "rejected_score": 0.0} for i, r in enumerate(recs)]
-                        self._write_json(d / "judge.json", {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
+                    self._offline_pairs(t, ref_params, flag)
                     if not (d / "reference.safetensors").exists():
                         self._reference_phase(t, ref_params)
                     params = self._train_phase(t, ref_params, flag)
@@ -375,6 +363,28 @@ class OnlineRun:
             self.metrics.close()
         self.log(format_table(self.metrics.read("iteration")))
         return 0
+
+    def _offline_pairs(self, t: int, ref_params, flag: _SigtermFlag) -> None:
+        """y_ref = the start policy's greedy response to every training row (each host generates
+        for the rows its devices hold), and judge.json's pairs = the rows' own (chosen,
+        rejected), written by process 0 from the records the hosts shared."""
+        d = self._iter_dir(t)
+        n = self.prompts.training_size()
+        if not (d / "generate.safetensors").exists():
+            out, recs = self._gen(ref_params, n, self.prompts.training_rows, key=jax.random.fold_in(self.key, 11),
+                                  n=1, greedy=True, temperature=1.0, flag=flag, desc="y_ref (greedy)")
+            self._share_records(d / "prompts", recs)
+            self._write_arrays(d / "generate.safetensors", out)
+        if not (d / "judge.json").exists():
+            if is_primary():
+                recs = self._shared_records(d / "prompts", n)
+                pairs = [{"prompt_index": i, "chosen": _text_of(r["chosen"]), "rejected": _text_of(r["rejected"]),
+                          "refresp": i, "chosen_score": 1.0, "rejected_score": 0.0}
+                         for i, r in enumerate(recs) if r.get("chosen") and r.get("rejected")]
+                write_json(d / "judge.json", {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
+            barrier(f"write {d / 'judge.json'}")
+        if not read_json(d / "judge.json")["pairs"]:
+            raise DataError(f"{self.cfg.data.prompts_path}: no rows with both chosen and rejected")
 
     def _truncate_metrics(self, t: int) -> None:
         """Drop metrics of iteration >= t that are recomputed; keep train steps before the last
@@ -498,8 +508,8 @@ class OnlineRun:
 
     def _gen(self, params, count: int, fetch, *, key, n: int, greedy: bool, temperature: float,
              flag: _SigtermFlag | None, desc: str) -> tuple[dict[str, np.ndarray], dict[int, dict[str, Any]]]:
-        """generate() for ``count`` prompts over fixed-size global batches (the last one padded by
-        repeating the last prompt). ``fetch(positions)`` reads prompt records; each process reads
+        """generate() for ``count`` prompts over fixed-size global batches (the last one padded with
+        one-token prompts whose outputs are dropped). ``fetch(positions)`` reads prompt records; each process reads
         only the rows of each batch that its devices hold. Returns the outputs of all prompts on
         every process (with the left-padded prompts: ``prompt_tokens``, ``prompt_lengths``) and
         the records this process read, by position."""
@@ -507,17 +517,19 @@ class OnlineRun:
         bs = min(o.generation_batch_size, count)
         nb = math.ceil(count / bs)
         mine = local_batch_rows(bs, self.mesh)
-        positions = [np.minimum(b * bs + mine, count - 1) for b in range(nb)]
-        wanted = sorted(set(np.concatenate(positions).tolist()))
+        positions = [b * bs + mine for b in range(nb)]  # >= count: padding rows of the last batch
+        wanted = sorted(int(i) for i in set(np.concatenate(positions).tolist()) if i < count)
         recs = dict(zip(wanted, fetch(wanted)))
-        length = bucket_length(process_max(max(len(r["prompt_ids"]) for r in recs.values())), min_length=8)
+        longest = max((len(r["prompt_ids"]) for r in recs.values()), default=1)
+        length = bucket_length(process_max(longest), min_length=8)
+        filler = [self.pad]  # the prompt of padding rows (outputs dropped; rows do not interact)
         out: dict[str, list[np.ndarray]] = {k: [] for k in ("tokens", "lengths", "finish", "logprobs",
                                                             "prompt_tokens", "prompt_lengths")}
         for b in _progress(range(nb), total=nb, desc=desc, enabled=self.progress):
             toks = np.full((len(mine), length), self.pad, np.int32)
             mask = np.zeros((len(mine), length), bool)
             for i, pos in enumerate(positions[b]):
-                ids = recs[int(pos)]["prompt_ids"]
+                ids = recs[int(pos)]["prompt_ids"] if pos < count else filler
                 toks[i, length - len(ids):] = ids
                 mask[i, length - len(ids):] = True
             batch = make_global_batch({"tokens": toks, "mask": mask}, self.mesh, bs)

@@ -48,7 +48,7 @@ class PromptSet:
     task makes just those examples; a prepared dataset is read by random access): in a
     multi-process run each host reads the rows its devices hold, never the whole dataset.
     With ``JAXSELM_READ_LOG=<dir>`` every read is appended to ``<dir>/reads.p<process>.jsonl``
-    (``{"set": "train"|"eval"|"sft", "positions": [...]}``, train reads with their ``iteration``),
+    (``{"set": "train"|"train_all"|"eval"|"sft", "positions": [...]}``, train reads with their ``iteration``),
     to check which host read what.
     """
 
@@ -149,12 +149,21 @@ class PromptSet:
         idx = iteration_indices(self._n_train, self.cfg.online.iterations, t - 1, self.seed)[:n]
         return self._finish(self._src.get_many([int(idx[i]) for i in pos]) if pos else [])
 
-    def iteration_all(self) -> list[dict[str, Any]]:
-        """Every training row (offline training)."""
+    def training_size(self) -> int:
+        """How many training rows the prompts file has (offline training reads them all)."""
         if self.task is not None:
             raise ConfigError("data.source: offline training needs a preference file, not a task")
-        self._log_reads("train", range(self._n_train))
-        return self._finish(self._src.get_many(list(range(self._n_train))))
+        return self._n_train
+
+    def training_rows(self, positions: Any = None) -> list[dict[str, Any]]:
+        """Training rows by position in the prepared file (all of them by default)."""
+        pos = self._positions(positions, self.training_size(), "training rows")
+        self._log_reads("train_all", pos)
+        return self._finish(self._src.get_many(pos) if pos else [])
+
+    def iteration_all(self) -> list[dict[str, Any]]:
+        """Every training row (offline training)."""
+        return self.training_rows()
 
     def evaluation_size(self) -> int:
         n = self.cfg.online.num_eval_prompts or self.cfg.data.num_eval_prompts

@@ -284,20 +284,25 @@ data:
   tokenizer: "builtin:bytes"
   num_eval_prompts: 8
 sft: {{steps: 2, batch_size: 8, learning_rate: 3.0e-3, demonstrations: 16}}
-online: {{max_new_tokens: 4, generation_batch_size: 8, batch_size: 8}}
+online: {{iterations: 1, max_new_tokens: 4, generation_batch_size: 8, batch_size: 8, epochs: 1,
+          learning_rates: 1.0e-3, checkpoint_every: 4}}
+train: {{loss: selm, beta: 0.1, alpha: 1.0e-3}}
 judge: {{kind: programmatic, function: "jaxselm.data.tasks:score"}}
 mesh: {{data: -1}}
 """
 
 
 @pytest.mark.slow
-def test_pair_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path):
-    """``jaxselm sft`` on a JSONL preference file by the pair: process 0 prepares the dataset
-    (TFDS array_record) while process 1 waits, then each reads only its rows (random access) of
-    the SFT batches and of the held-out prompts; the warm-started policy equals one process's."""
+def test_pair_offline_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path):
+    """``jaxselm train`` (offline: SFT warm start, then SELM on the file's own chosen/rejected
+    pairs with y_ref = greedy responses) on a JSONL preference file by the pair: process 0
+    prepares the dataset (TFDS array_record) while process 1 waits; each host then reads only
+    its rows (random access) of the SFT batches, the held-out prompts and the training rows
+    (92 rows in generation batches of 8: the last batch is half padding, read by nobody); the
+    policies equal one process's."""
     rng = np.random.default_rng(0)
     rows, seen = [], set()
-    while len(rows) < 100:  # distinct prompts (preparation drops duplicates): 10 held out, 8 used
+    while len(rows) < 100:  # distinct prompts (preparation drops duplicates): 8 held out, 92 train
         items = [int(x) for x in rng.integers(0, 9, size=3)]
         if tuple(items) in seen:
             continue
@@ -315,27 +320,31 @@ def test_pair_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path):
         env = _env(tmp_path, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
                    JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120",
                    JAXSELM_READ_LOG=str(tmp_path / "reads"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxselm", "sft", "--config", str(cfg),
+        procs.append(subprocess.Popen([sys.executable, "-m", "jaxselm", "train", "--config", str(cfg),
                                        f"run.output_dir={tmp_path / 'pair'}"], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for pid, proc in enumerate(procs):
         _, err = proc.communicate(timeout=TIMEOUT_S)
         assert proc.returncode == 0, f"process {pid}:\n{err[-4000:]}"
-    single = subprocess.run([sys.executable, "-m", "jaxselm", "sft", "--config", str(cfg),
+    single = subprocess.run([sys.executable, "-m", "jaxselm", "train", "--config", str(cfg),
                              f"run.output_dir={tmp_path / 'single'}"], env=_env(tmp_path, 8),
                             capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
     assert single.returncode == 0, single.stderr[-4000:]
-    a, b = _params(tmp_path / "pair" / "policy" / "iter_00"), _params(tmp_path / "single" / "policy" / "iter_00")
-    for k in b:
-        np.testing.assert_allclose(a[k], b[k], rtol=RTOL, atol=ATOL, err_msg=k)
+    for t in (0, 1):
+        a = _params(tmp_path / "pair" / "policy" / f"iter_{t:02d}")
+        b = _params(tmp_path / "single" / "policy" / f"iter_{t:02d}")
+        for k in b:
+            np.testing.assert_allclose(a[k], b[k], rtol=RTOL, atol=ATOL, err_msg=f"iter {t} {k}")
+    judged = [json.loads((tmp_path / run / "iter_01" / "judge.json").read_text()) for run in ("pair", "single")]
+    assert judged[0] == judged[1] and len(judged[0]["pairs"]) == 92
     assert len(list((tmp_path / "pair" / "data").iterdir())) == 1  # one prepared dataset
     reads = {}
     for pid in range(2):
         for line in (tmp_path / "reads" / f"reads.p{pid}.jsonl").read_text().splitlines():
             rec = json.loads(line)
             reads.setdefault(rec["set"], [set(), set()])[pid].update(rec["positions"])
-    assert set(reads) == {"sft", "eval"}
-    for name, size in (("sft", 16), ("eval", 8)):
+    assert set(reads) == {"sft", "eval", "train_all"}
+    for name, size in (("sft", 16), ("eval", 8), ("train_all", 92)):
         mine, theirs = reads[name]
         assert mine and theirs and not mine & theirs and mine | theirs == set(range(size)), (name, reads[name])
 
