@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from jaxselm.errors import ConfigError
-from jaxselm.model.config import FrozenConfig, format_validation_error
+from jaxselm.config_base import FrozenConfig, config_error
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _SPEC_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
@@ -301,7 +301,7 @@ def parse_judge_config(
         return _ADAPTER.validate_python(data)
     except ValidationError as err:
         # The discriminated union puts the tag first in each error location; drop it.
-        msg = format_validation_error(err, prefix)
+        msg = str(config_error(err, prefix))
         msg = msg.replace(f"{prefix}.{kind}.", f"{prefix}.", 1).replace(
             f"{prefix}.{kind}:", f"{prefix}:", 1
         )

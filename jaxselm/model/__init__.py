@@ -10,12 +10,11 @@ from jaxselm.model.api import (
     param_shapes,
     reward_scores,
 )
-from jaxselm.model.config import PRESETS, FrozenConfig, ModelConfig, RopeScaling, get_preset
+from jaxselm.model.config import PRESETS, ModelConfig, RopeScaling, get_preset
 from jaxselm.model.transformer import KVCache, Transformer
 
 __all__ = [
     "PRESETS",
-    "FrozenConfig",
     "KVCache",
     "ModelConfig",
     "RopeScaling",

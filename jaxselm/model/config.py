@@ -14,68 +14,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import model_validator
 
-from jaxselm.errors import ConfigError
+from jaxselm.config_base import FrozenConfig, PositiveFloat, PositiveInt
 
 PositionMode = Literal["rope", "cope", "cope+rope", "none", "absolute"]
 DType = Literal["float32", "bfloat16", "float16"]
 CopeImpl = Literal["auto", "reference", "xla", "pallas_tpu", "pallas_gpu"]
-
-
-_TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none", "tuple"}
-
-
-def _describe(err: ValidationError) -> tuple[tuple[str, ...], str]:
-    """(key path, message) of the first error of a pydantic ValidationError."""
-    first = err.errors()[0]
-    # Drop the type tags pydantic adds inside unions ("list[float]", "float", "function-after[..]").
-    loc = tuple(str(p) for p in first.get("loc", ())
-                if p != "__root__" and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS)))
-    inner = (first.get("ctx") or {}).get("error")
-    if isinstance(inner, ConfigError) and inner.path is not None:  # a nested section's own error
-        return loc + inner.path, inner.detail or str(inner)
-    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
-    if not loc and ": " in msg:  # a cross-field check names its field as "field: message"
-        field, msg = msg.split(": ", 1)
-        loc = (field,)
-    if first.get("type") == "extra_forbidden":
-        msg = "unknown key"
-    value = first.get("input")
-    if first.get("type") not in ("extra_forbidden", "missing") and not isinstance(value, dict):
-        msg = f"{msg} (got {value!r})"
-    return loc, msg
-
-
-def config_error(err: ValidationError, prefix: str) -> ConfigError:
-    """A one-line ConfigError naming the offending key, e.g. ``model.num_heads: must be >= 1``."""
-    path, msg = _describe(err)
-    where = ".".join(p for p in (prefix, *path) if p) or "config"
-    return ConfigError(f"{where}: {msg}", path=path, detail=msg)
-
-
-def format_validation_error(err: ValidationError, prefix: str) -> str:
-    return str(config_error(err, prefix))
-
-
-class FrozenConfig(BaseModel):
-    """Base of the package's config sections: frozen, strict types, unknown keys refused.
-
-    Construction errors are re-raised as a one-line ConfigError naming the field.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-    _error_prefix: ClassVar[str] = "config"
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as err:
-            raise config_error(err, self._error_prefix) from None
-
-    def replace(self, **changes: Any):
-        """A validated copy with some fields changed."""
-        return type(self)(**{**self.model_dump(), **changes})
 
 
 class RopeScaling(FrozenConfig):
@@ -84,17 +29,10 @@ class RopeScaling(FrozenConfig):
     _error_prefix: ClassVar[str] = "model.rope_scaling"
 
     rope_type: Literal["llama3", "linear"] = "llama3"
-    factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    @field_validator("factor", "low_freq_factor", "high_freq_factor")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
-        return v
+    factor: PositiveFloat = 8.0
+    low_freq_factor: PositiveFloat = 1.0
+    high_freq_factor: PositiveFloat = 4.0
+    original_max_position_embeddings: PositiveInt = 8192
 
     @model_validator(mode="after")
     def _check(self) -> RopeScaling:
@@ -112,58 +50,40 @@ class ModelConfig(FrozenConfig):
 
     _error_prefix: ClassVar[str] = "model"
 
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int | None = None  # None: hidden_size // num_heads
-    intermediate_size: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    num_layers: PositiveInt
+    num_heads: PositiveInt
+    num_kv_heads: PositiveInt
+    head_dim: PositiveInt | None = None  # None: hidden_size // num_heads
+    intermediate_size: PositiveInt
+    rms_norm_eps: PositiveFloat = 1e-5
+    rope_theta: PositiveFloat = 10000.0
     rope_scaling: RopeScaling | None = None
-    max_position_embeddings: int = 4096  # the context length; longer prompts are refused
+    max_position_embeddings: PositiveInt = 4096  # the context length; longer prompts are refused
     tie_embeddings: bool = False
-    sliding_window: int | None = None  # Mistral v0.1; rope/none only
+    sliding_window: PositiveInt | None = None  # Mistral v0.1; rope/none only
     position: PositionMode = "rope"
-    cope_npos_max: int = 64
+    cope_npos_max: PositiveInt = 64
     cope_shared_across_layers: bool = False
     cope_impl: CopeImpl = "auto"
     dtype: DType = "float32"  # compute dtype of activations and matmuls
     param_dtype: DType = "float32"  # storage dtype of parameters (fp32 master weights)
-    num_labels: int = 1  # outputs of the reward (sequence-classification) head
+    num_labels: PositiveInt = 1  # outputs of the reward (sequence-classification) head
     remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
 
-    @field_validator(
-        "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-        "max_position_embeddings", "num_labels",
-    )
+    @model_validator(mode="before")
     @classmethod
-    def _positive_int(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("rms_norm_eps", "rope_theta")
-    @classmethod
-    def _positive_float(cls, v: float) -> float:
-        if v <= 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("head_dim", "sliding_window")
-    @classmethod
-    def _optional_positive(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("cope_npos_max")
-    @classmethod
-    def _npos(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("npos_max must be >= 1")
-        return v
+    def _expand_preset(cls, data: Any) -> Any:
+        """``{"preset": "llama3-8b", "position": "cope"}``: the preset's fields, then the others
+        (how a run config's ``model:`` section names a model)."""
+        if not isinstance(data, dict) or "preset" not in data:
+            return data
+        data = dict(data)
+        name = data.pop("preset")
+        if not isinstance(name, str) or name not in _PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return {**_PRESETS[name], **data}
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -302,7 +222,4 @@ PRESETS = tuple(_PRESETS)
 
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """A preset config by name (see ``PRESETS``), optionally with fields overridden."""
-    if name not in _PRESETS:
-        detail = f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
-        raise ConfigError(f"model.preset: {detail}", path=("preset",), detail=detail)
-    return ModelConfig(**{**_PRESETS[name], **overrides})
+    return ModelConfig(preset=name, **overrides)

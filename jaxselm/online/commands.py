@@ -189,7 +189,7 @@ def convert_command(src: str, inp: str, output: str, cfg: RunConfig | None, *, d
               f"{Path(output).with_suffix('.model.json')}")
         return 0
     assert cfg is not None
-    mcfg = cfg.model_config_obj()
+    mcfg = cfg.model
     params = load_params(inp)
     if head == "lm" and "lm_head" not in params and not mcfg.tie_embeddings:
         raise CheckpointError(f"{inp}: params have no lm_head but model.tie_embeddings is false")

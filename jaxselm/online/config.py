@@ -21,16 +21,19 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import field_validator, model_validator
 
+from jaxselm.config_base import (
+    FrozenConfig,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+)
 from jaxselm.errors import ConfigError
-from jaxselm.model import FrozenConfig, ModelConfig, get_preset
+from jaxselm.feedback.config import JudgeConfig, ProgrammaticJudgeConfig, parse_judge_config
+from jaxselm.model import ModelConfig
 from jaxselm.parallel.mesh import MeshConfig
 from jaxselm.train.optimizer import TrainConfig
-
-
-def _positive(v, name="value"):
-    if v < 1:
-        raise ValueError("must be >= 1")
-    return v
 
 
 class RunSection(FrozenConfig):
@@ -68,17 +71,12 @@ class DataSection(FrozenConfig):
     # TFDS dataset directory; eval prompts from a second file or held out from the first.
     prompts_path: str | None = None
     eval_prompts_path: str | None = None
-    num_eval_prompts: int = 64
+    num_eval_prompts: PositiveInt = 64
     # None: the task's built-in word tokenizer; else a path (tokenizer.json, SentencePiece .model,
     # HF directory) or builtin:bytes.
     tokenizer: str | None = None
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template (prompts source)
-    max_prompt_tokens: int = 512
-
-    @field_validator("num_eval_prompts", "max_prompt_tokens")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        return _positive(v)
+    max_prompt_tokens: PositiveInt = 512
 
     @model_validator(mode="after")
     def _check(self) -> "DataSection":
@@ -96,100 +94,46 @@ class DataSection(FrozenConfig):
 class SFTSection(FrozenConfig):
     _error_prefix: ClassVar[str] = "sft"
 
-    steps: int = 0  # 0: no warm start
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    demonstrations: int = 2048  # synthetic tasks: how many imperfect demonstrations
-    corrupt_prob: float = 0.3  # synthetic tasks: fraction of demonstrations with a wrong answer
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("batch_size", "demonstrations")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        return _positive(v)
-
-    @field_validator("learning_rate")
-    @classmethod
-    def _lr(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("corrupt_prob")
-    @classmethod
-    def _prob(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError("must be in [0, 1]")
-        return v
+    steps: NonNegativeInt = 0  # 0: no warm start
+    batch_size: PositiveInt = 32
+    learning_rate: PositiveFloat = 1e-3
+    demonstrations: PositiveInt = 2048  # synthetic tasks: how many imperfect demonstrations
+    corrupt_prob: Probability = 0.3  # synthetic tasks: fraction of demonstrations with a wrong answer
 
 
 class OnlineSection(FrozenConfig):
     _error_prefix: ClassVar[str] = "online"
 
-    iterations: int = 3
-    prompts_per_iteration: int = 128
-    samples_per_prompt: int = 4
-    max_new_tokens: int = 16
-    temperature: float = 1.0
+    iterations: PositiveInt = 3
+    prompts_per_iteration: PositiveInt = 128
+    samples_per_prompt: PositiveInt = 4
+    max_new_tokens: PositiveInt = 16
+    temperature: PositiveFloat = 1.0
     greedy: bool = False  # one greedy response per prompt (the SELM authors' setting, with n = 1)
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
-    generation_batch_size: int = 64  # prompts per generate() call
+    generation_batch_size: PositiveInt = 64  # prompts per generate() call
     include_dataset_responses: bool = False  # rank the dataset's chosen/rejected too (SELM paper)
-    min_margin: float = 0.0  # pairs whose best-worst score gap is <= this are dropped
+    min_margin: NonNegativeFloat = 0.0  # pairs whose best-worst score gap is <= this are dropped
     no_eos_penalty: float | None = None  # subtracted from responses that never emitted EOS
     refresp: Literal["first", "random"] = "first"  # which policy sample is y_ref
-    epochs: int = 1
-    batch_size: int = 16  # pairs per optimizer update
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = 16  # pairs per optimizer update
     # One learning rate per iteration (the SELM authors decay them), or one for all.
-    learning_rates: list[float] | float = 5e-7
+    learning_rates: list[PositiveFloat] | PositiveFloat = 5e-7
     # One alpha per iteration (e.g. [0, 1e-3, 1e-3]: DPO first, then SELM), or None: train.alpha.
-    alphas: list[float] | None = None
-    checkpoint_every: int = 50  # train steps between mid-iteration checkpoints
-    num_eval_prompts: int | None = None  # None: data.num_eval_prompts
-
-    @field_validator("iterations", "prompts_per_iteration", "samples_per_prompt", "max_new_tokens",
-                     "generation_batch_size", "epochs", "batch_size", "checkpoint_every")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        return _positive(v)
-
-    @field_validator("temperature")
-    @classmethod
-    def _temp(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("min_margin")
-    @classmethod
-    def _margin(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
+    alphas: list[NonNegativeFloat] | None = None
+    checkpoint_every: PositiveInt = 50  # train steps between mid-iteration checkpoints
+    num_eval_prompts: PositiveInt | None = None  # None: data.num_eval_prompts
 
     @model_validator(mode="after")
     def _check(self) -> "OnlineSection":
         lrs = self.learning_rates
-        if isinstance(lrs, list):
-            if len(lrs) != self.iterations:
-                raise ValueError(f"learning_rates: {len(lrs)} values for {self.iterations} iterations")
-            if any(not v > 0 for v in lrs):
-                raise ValueError("learning_rates: every value must be > 0")
-        elif not lrs > 0:
-            raise ValueError("learning_rates: must be > 0")
-        if self.alphas is not None:
-            if len(self.alphas) != self.iterations:
-                raise ValueError(f"alphas: {len(self.alphas)} values for {self.iterations} iterations")
-            if any(a < 0 for a in self.alphas):
-                raise ValueError("alphas: every value must be >= 0")
+        if isinstance(lrs, list) and len(lrs) != self.iterations:
+            raise ValueError(f"learning_rates: {len(lrs)} values for {self.iterations} iterations")
+        if self.alphas is not None and len(self.alphas) != self.iterations:
+            raise ValueError(f"alphas: {len(self.alphas)} values for {self.iterations} iterations")
         if self.greedy and self.samples_per_prompt != 1:
             raise ValueError("samples_per_prompt: greedy generation gives one response per prompt (set 1)")
         if self.samples_per_prompt < 2 and not self.include_dataset_responses:
@@ -210,41 +154,25 @@ class RunConfig(FrozenConfig):
     _error_prefix: ClassVar[str] = ""  # keys are named from the top: online.iterations
 
     run: RunSection = RunSection()
-    model: dict[str, Any] = {"preset": "tiny-cope"}
+    model: ModelConfig = ModelConfig(preset="tiny-cope")
     init: InitSection = InitSection()
     data: DataSection = DataSection()
     sft: SFTSection = SFTSection()
     online: OnlineSection = OnlineSection()
     train: TrainConfig = TrainConfig()
-    judge: dict[str, Any] = {"kind": "programmatic", "function": "jaxselm.data.tasks:score"}
+    judge: JudgeConfig = ProgrammaticJudgeConfig(function="jaxselm.data.tasks:score")
     mesh: MeshConfig = MeshConfig()
 
-    @field_validator("judge")
+    @field_validator("judge", mode="before")
     @classmethod
-    def _check_judge(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from jaxselm.feedback import parse_judge_config
-
+    def _parse_judge(cls, v: Any) -> Any:
+        # parse_judge_config names the kind first ("unknown judge kind 'gpt'; choose one of ...")
+        # and drops the union tag from the key path; its errors are re-anchored under "judge".
         try:
-            parse_judge_config(v)
-        except ConfigError as err:  # re-anchor under "judge"
+            return parse_judge_config(v)
+        except ConfigError as err:
             msg = str(err).removeprefix("judge").lstrip(".")
             path, _, detail = msg.partition(": ")
-            raise ConfigError(str(err), path=tuple(p for p in path.split(".") if p), detail=detail) from None
-        return v
-
-    @model_validator(mode="after")
-    def _check_model(self) -> "RunConfig":
-        try:
-            self.model_config_obj()
-        except ConfigError as err:  # re-anchor "model.<key>" under this section
-            raise ConfigError(str(err), path=("model", *(err.path or ())), detail=err.detail) from None
-        return self
-
-    def model_config_obj(self) -> ModelConfig:
-        spec = dict(self.model)
-        preset = spec.pop("preset", None)
-        if preset is None:
-            return ModelConfig(**spec)
-        if not isinstance(preset, str):
-            raise ConfigError(f"model.preset: expected a preset name (got {preset!r})")
-        return get_preset(preset, **spec)
+            raise ConfigError(
+                str(err), path=tuple(p for p in path.split(".") if p), detail=detail
+            ) from None

@@ -214,7 +214,7 @@ class OnlineRun:
         self.log = log if is_primary() else _quiet
         self.out = Path(cfg.run.output_dir)
         self.progress = cfg.run.progress
-        self.model_cfg: ModelConfig = cfg.model_config_obj()
+        self.model_cfg: ModelConfig = cfg.model
         self.tok = build_tokenizer(cfg)
         if self.tok.vocab_size > self.model_cfg.vocab_size:
             raise ConfigError(f"model.vocab_size: {self.model_cfg.vocab_size} is smaller than the "
@@ -810,7 +810,7 @@ def build_judge(cfg: RunConfig, model_cfg: ModelConfig, tokenizer):
     """The run's judge; a reward-model judge's checkpoint is loaded here (an HF
     LlamaForSequenceClassification directory, or a params export from `jaxselm train-rm`, which
     shares the run's model config)."""
-    jc = parse_judge_config(cfg.judge)
+    jc = cfg.judge
     if not isinstance(jc, RewardModelJudgeConfig):
         return make_judge(jc)
     if jc.checkpoint is None:

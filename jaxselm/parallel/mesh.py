@@ -25,7 +25,7 @@ import numpy as np
 from pydantic import field_validator
 
 from jaxselm.errors import ConfigError
-from jaxselm.model.config import FrozenConfig
+from jaxselm.config_base import FrozenConfig
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 

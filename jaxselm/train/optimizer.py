@@ -17,13 +17,20 @@ in bfloat16 to save memory.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import jax.numpy as jnp
 import optax
-from pydantic import field_validator, model_validator
+from pydantic import Field, model_validator
 
-from jaxselm.model.config import FrozenConfig
+from jaxselm.config_base import (
+    FrozenConfig,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+)
 
 
 class OptimizerConfig(FrozenConfig):
@@ -31,60 +38,18 @@ class OptimizerConfig(FrozenConfig):
 
     _error_prefix: ClassVar[str] = "optimizer"
 
-    learning_rate: float = 5e-7
-    total_steps: int = 1000
+    learning_rate: PositiveFloat = 5e-7
+    total_steps: PositiveInt = 1000
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = None
-    final_lr_ratio: float = 0.0  # learning rate at total_steps, as a fraction of the peak
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0  # None: no clipping
+    warmup_ratio: Probability = 0.1
+    warmup_steps: NonNegativeInt | None = None
+    final_lr_ratio: Probability = 0.0  # learning rate at total_steps, as a fraction of the peak
+    b1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    b2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.0
+    max_grad_norm: PositiveFloat | None = 1.0  # None: no clipping
     mu_dtype: Literal["float32", "bfloat16"] | None = None  # None: the params' dtype
-
-    @field_validator("learning_rate", "eps")
-    @classmethod
-    def _positive(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("total_steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("warmup_ratio", "final_lr_ratio")
-    @classmethod
-    def _ratio(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError("must be in [0, 1]")
-        return v
-
-    @field_validator("b1", "b2")
-    @classmethod
-    def _beta(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _wd(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("max_grad_norm")
-    @classmethod
-    def _clip(cls, v: float | None) -> float | None:
-        if v is not None and not v > 0:
-            raise ValueError("must be > 0 (or null for no clipping)")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> OptimizerConfig:
@@ -109,39 +74,11 @@ class TrainConfig(FrozenConfig):
     _error_prefix: ClassVar[str] = "train"
 
     loss: Literal["selm", "dpo", "ipo", "xpo"] = "selm"
-    beta: float = 0.01
-    alpha: float = 1e-3
-    label_smoothing: float = 0.0
-    micro_batches: int = 1
+    beta: PositiveFloat = 0.01
+    alpha: NonNegativeFloat = 1e-3
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
+    micro_batches: PositiveInt = 1
     optimizer: OptimizerConfig = OptimizerConfig()
-
-    @field_validator("beta")
-    @classmethod
-    def _beta(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("label_smoothing")
-    @classmethod
-    def _ls(cls, v: float) -> float:
-        if not 0.0 <= v < 0.5:
-            raise ValueError("must be in [0, 0.5)")
-        return v
-
-    @field_validator("micro_batches")
-    @classmethod
-    def _mb(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
