@@ -26,14 +26,24 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from jaxselm.config_base import (
+    FrozenConfig,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    config_error,
+)
 from jaxselm.errors import ConfigError
-from jaxselm.config_base import FrozenConfig, config_error
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
-_SPEC_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
+SPEC_RE = re.compile(rf"^{_IDENT}(\.{_IDENT})*:{_IDENT}(\.{_IDENT})*$")
 _ENV_RE = re.compile(rf"^{_IDENT}$")
 
-DEFAULT_SYSTEM_PROMPT = "You are a careful, impartial judge of AI assistant responses. Follow the output format exactly."
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a careful, impartial judge of AI assistant responses. "
+    "Follow the output format exactly."
+)
 
 DEFAULT_PAIRWISE_TEMPLATE = """\
 Compare two responses to the user question below. Judge helpfulness, correctness, relevance and \
@@ -93,7 +103,7 @@ def _check_template(template: str, required: set[str], optional: set[str]) -> st
 
 
 class ProgrammaticJudgeConfig(FrozenConfig):
-    """A Python function ``fn(prompt: str, response: str) -> float`` named as ``module:function``."""
+    """A Python function ``fn(prompt: str, response: str) -> float`` named ``module:function``."""
 
     _error_prefix: ClassVar[str] = "judge"
 
@@ -103,7 +113,7 @@ class ProgrammaticJudgeConfig(FrozenConfig):
     @field_validator("function")
     @classmethod
     def _spec(cls, v: str) -> str:
-        if not _SPEC_RE.match(v):
+        if not SPEC_RE.match(v):
             raise ValueError("must look like 'package.module:function'")
         return v
 
@@ -112,30 +122,19 @@ class RewardModelJudgeConfig(FrozenConfig):
     """A jaxselm model with a scalar reward head scoring prompt + response token sequences.
 
     ``checkpoint`` is the directory the caller loads (HF LlamaForSequenceClassification or a
-    jaxselm checkpoint); the judge itself takes loaded params (:meth:`RewardModelJudge.from_params`).
+    jaxselm checkpoint); the judge itself takes loaded params
+    (:meth:`RewardModelJudge.from_params`).
     """
 
     _error_prefix: ClassVar[str] = "judge"
 
     kind: Literal["reward_model"] = "reward_model"
     checkpoint: str | None = None
-    batch_size: int = 8  # rows per forward pass; the last batch is padded to this size
-    max_length: int | None = None  # tokens per item; default: the model's context length
-    min_bucket: int = 16  # sequences are padded to a power of two >= this (one compile per bucket)
-
-    @field_validator("batch_size", "min_bucket")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("max_length")
-    @classmethod
-    def _max_length(cls, v: int | None) -> int | None:
-        if v is not None and v < 2:
-            raise ValueError("must be >= 2")
-        return v
+    batch_size: PositiveInt = 8  # rows per forward pass; the last batch is padded to this size
+    # tokens per item; default: the model's context length
+    max_length: Annotated[int, Field(ge=2)] | None = None
+    # sequences are padded to a power of two >= this (one compile per bucket)
+    min_bucket: PositiveInt = 16
 
 
 class LLMJudgeConfig(FrozenConfig):
@@ -143,11 +142,12 @@ class LLMJudgeConfig(FrozenConfig):
 
     ``pairwise`` asks which of two responses is better, in both orders (the two verdicts are
     averaged, which cancels the judge's position bias); ``scoring`` asks for a score in
-    [min_score, max_score]. Failed requests (timeouts, 5xx, 429, connection errors) are retried
-    ``max_retries`` times with exponential back-off ``min(backoff_max_s, backoff_s * 2**k)``,
-    scaled by ``1 + jitter * u`` with u uniform in [-1, 1) from a RNG seeded with ``seed``. A
-    429 / 503 reply's ``Retry-After`` (seconds or an HTTP date) lengthens that wait to what the
-    server asked for, up to ``retry_after_max_s``.
+    [min_score, max_score]. Requests go through the official ``openai`` client, which owns
+    timeouts and retries: each request may take ``timeout_s``, and timeouts, connection errors,
+    408 / 409 / 429 and 5xx replies are retried up to ``max_retries`` times with the client's
+    exponential back-off (0.5 s doubling up to 8 s, with jitter) or, when the reply carries a
+    ``retry-after-ms`` / ``Retry-After`` header, after the wait the server asked for (within the
+    client's cap of a few minutes).
     """
 
     _error_prefix: ClassVar[str] = "judge"
@@ -157,16 +157,11 @@ class LLMJudgeConfig(FrozenConfig):
     model: str
     mode: Literal["pairwise", "scoring"] = "pairwise"
     api_key_env: str | None = None  # NAME of the environment variable holding the API key
-    temperature: float = 0.0
-    max_tokens: int = 16
-    timeout_s: float = 60.0  # per request (connect and each read)
-    max_retries: int = 3
-    backoff_s: float = 1.0
-    backoff_max_s: float = 30.0
-    retry_after_max_s: float = 120.0  # the longest server-requested wait (Retry-After) honoured
-    jitter: float = 0.1
-    seed: int = 0
-    concurrency: int = 8  # requests in flight at most
+    temperature: NonNegativeFloat = 0.0
+    max_tokens: PositiveInt = 16
+    timeout_s: PositiveFloat = 60.0  # per request (connect, and each read / write)
+    max_retries: NonNegativeInt = 3  # retries after the first attempt, by the client
+    concurrency: PositiveInt = 8  # requests in flight at most
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
     pairwise_template: str = DEFAULT_PAIRWISE_TEMPLATE
     scoring_template: str = DEFAULT_SCORING_TEMPLATE
@@ -213,41 +208,6 @@ class LLMJudgeConfig(FrozenConfig):
             )
         return data
 
-    @field_validator("timeout_s")
-    @classmethod
-    def _positive_float(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError("must be > 0")
-        return v
-
-    @field_validator("temperature", "backoff_s", "backoff_max_s", "retry_after_max_s")
-    @classmethod
-    def _non_negative(cls, v: float) -> float:
-        if not v >= 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("max_retries")
-    @classmethod
-    def _retries(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
-
-    @field_validator("max_tokens", "concurrency")
-    @classmethod
-    def _positive_int(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be >= 1")
-        return v
-
-    @field_validator("jitter")
-    @classmethod
-    def _jitter(cls, v: float) -> float:
-        if not 0 <= v <= 1:
-            raise ValueError("must be in [0, 1]")
-        return v
-
     @field_validator("pairwise_template")
     @classmethod
     def _pairwise(cls, v: str) -> str:
@@ -262,8 +222,6 @@ class LLMJudgeConfig(FrozenConfig):
     def _check(self) -> LLMJudgeConfig:
         if self.min_score >= self.max_score:
             raise ValueError(f"max_score: must be > min_score={self.min_score}")
-        if self.backoff_max_s < self.backoff_s:
-            raise ValueError(f"backoff_max_s: must be >= backoff_s={self.backoff_s}")
         return self
 
 

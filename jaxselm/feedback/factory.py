@@ -35,7 +35,7 @@ def make_judge(
 
     ``params`` / ``model_config`` / ``tokenizer`` are the loaded reward model (reward_model kind
     only: loading ``config.checkpoint`` is the caller's job). ``judge_kwargs`` go to the judge's
-    constructor (e.g. ``sleep=`` for the LLM judge's back-off in tests).
+    constructor (e.g. ``batch_sharding=`` for the reward-model judge).
     """
     config = parse_judge_config(config)
     if isinstance(config, ProgrammaticJudgeConfig):

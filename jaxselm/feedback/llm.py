@@ -1,8 +1,9 @@
-"""LLM judge over an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, hosted APIs).
+"""LLM judge over an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, llama.cpp, APIs).
 
-Each question is one ``POST {base_url}/chat/completions`` with
-``{"model", "messages", "temperature", "max_tokens"}``; the verdict is read from
-``choices[0].message.content``. Two modes (:class:`~jaxselm.feedback.config.LLMJudgeConfig`):
+Each question is one ``client.chat.completions.create(model, messages=[system?, user],
+temperature, max_tokens)`` call of the official ``openai`` client, which every such server
+documents; the verdict is read from ``choices[0].message.content``. Two modes
+(:class:`~jaxselm.feedback.config.LLMJudgeConfig`):
 
 * ``pairwise`` -- "which of A and B is better?". LLM judges prefer one position (often the
   first), so every comparison is asked in **both orders** and the verdicts averaged:
@@ -14,42 +15,46 @@ Each question is one ``POST {base_url}/chat/completions`` with
 
 Failure handling, so a flaky server costs items, not runs:
 
-* timeouts, connection errors, HTTP 5xx, 408 and 429 are retried up to ``max_retries`` times with
-  exponential back-off (429 is a 4xx, but it means "slow down", the one 4xx worth retrying); a
-  ``Retry-After`` header (seconds or an HTTP date, sent with 429 / 503 by rate-limited APIs)
-  lengthens the wait to what the server asked, up to ``retry_after_max_s``;
-* other 4xx are not retried: 401/403/404 mean every request will fail the same way (bad key,
-  wrong URL or model), so they raise a one-line JudgeError at once; the rest (e.g. 400 for one
-  over-long prompt) mark that item NaN;
-* a reply whose verdict cannot be parsed is counted (``unparseable``) and its item is NaN; the
-  caller drops NaN items (:func:`jaxselm.feedback.pairs.build_pairs` does).
+* timeouts and retries are the client's job: each request may take ``timeout_s``; timeouts,
+  connection errors, 408 / 409 / 429 and 5xx are retried up to ``max_retries`` times after the
+  client's exponential back-off (0.5 s doubling up to 8 s, jittered), or after the wait that a
+  ``retry-after-ms`` / ``Retry-After`` header asks for (rate-limited APIs send it with 429). A
+  question that still fails is NaN, counted in ``failures``, with one warning naming the URL and
+  the reason;
+* 401/403/404 mean every request will fail the same way (bad key, wrong URL or model): they raise
+  a one-line JudgeError at once and the questions still queued are not sent; other 4xx (e.g. 400
+  for one over-long prompt) are not retried and mark that item NaN;
+* a reply whose verdict cannot be parsed (or a malformed body) is counted (``unparseable``) and
+  its item is NaN; the caller drops NaN items (:func:`jaxselm.feedback.pairs.build_pairs` does).
 
-Requests run on a thread pool of ``concurrency`` workers (HTTP waits release the GIL). The API key
-is read from the environment variable named by ``api_key_env`` when a batch starts and only ever
-placed in the ``Authorization: Bearer`` header: it is not stored on the judge, not in its repr,
-and never logged (log lines name the URL, status and attempt only). Counters (requests, retries,
-timeouts, HTTP and connection errors, latency) are in ``stats()``.
+Questions run on a thread pool of ``concurrency`` workers sharing one (thread-safe) client. The
+API key is read from the environment variable named by ``api_key_env`` when the judge is built
+and handed to the client, which only places it in the ``Authorization: Bearer`` header; it is not
+in the judge's repr and never logged (log lines name the URL and the reason only). ``stats()``
+counts every HTTP attempt, the client's retries included (requests, retries, timeouts, HTTP and
+connection errors, latency).
 """
 
 from __future__ import annotations
 
-import email.utils
-import http.client
+import itertools
 import json
 import logging
 import os
-import random
 import re
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import openai
+
+try:  # the HTTP library under openai: httpx2 from openai 3 on, httpx before (the same API)
+    from httpx2 import TimeoutException
+except ImportError:  # pragma: no cover
+    from httpx import TimeoutException
 
 from jaxselm.errors import JudgeError
 from jaxselm.feedback.base import Judge, Response
@@ -57,30 +62,16 @@ from jaxselm.feedback.config import LLMJudgeConfig
 
 log = logging.getLogger(__name__)
 
-def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date (RFC 9110);
-    None when absent or unreadable (then only the back-off applies)."""
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when is None:
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    if seconds != seconds:  # NaN
-        return None
-    return max(0.0, seconds)
-
-
-_FAILED = object()  # a request that failed for good (after retries, or a non-retryable 4xx)
-_FATAL_STATUS = (401, 403, 404)
-_RETRY_4XX = (408, 429)
+_FAILED = object()  # a question that failed for good (after the client's retries, or a 4xx)
+_FATAL = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+# The key sent when no api_key_env is set: keyless servers ignore it (vLLM's docs use "EMPTY"),
+# and an explicit value keeps the client from sending $OPENAI_API_KEY to a server nobody named.
+_NO_KEY = "EMPTY"
+# The judge's counters beyond the base ones (requests and after: every HTTP attempt).
+_COUNTERS = (
+    "requests retries timeouts http_errors connection_errors latency_s_total latency_s_max "
+    "comparisons identical_skipped"
+).split()
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?")
 
@@ -123,37 +114,64 @@ def parse_score(text: str, lo: float, hi: float) -> float | None:
     return v if lo <= v <= hi else None
 
 
+class _CountingHttpClient(openai.DefaultHttpxClient):
+    """The openai client's HTTP client, counting every attempt.
+
+    The openai client retries inside ``create``, so only the HTTP layer sees each attempt, its
+    latency and how it failed: every attempt goes through ``send``. ``thread.attempts`` counts
+    the attempts of the question the calling thread asks (a question stays on one thread).
+    """
+
+    def __init__(self, count: Callable[..., None], count_max: Callable[..., None]) -> None:
+        super().__init__()
+        self._counter, self._counter_max = count, count_max
+        self.thread = threading.local()
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        self.thread.attempts = getattr(self.thread, "attempts", 0) + 1
+        self._counter("requests")
+        t0 = time.monotonic()
+        try:
+            response = super().send(request, **kwargs)
+        except TimeoutException:
+            self._counter("timeouts")
+            raise
+        except Exception:
+            self._counter("connection_errors")
+            raise
+        if response.status_code >= 400:
+            self._counter("http_errors")
+        else:
+            dt = time.monotonic() - t0
+            self._counter("latency_s_total", dt)
+            self._counter_max("latency_s_max", dt)
+        return response
+
+
 class LLMJudge(Judge):
     """Pairwise or scoring judge over HTTP; see the module docstring."""
 
-    def __init__(
-        self,
-        config: LLMJudgeConfig,
-        *,
-        sleep: Callable[[float], None] = time.sleep,
-        opener: urllib.request.OpenerDirector | None = None,
-    ) -> None:
+    def __init__(self, config: LLMJudgeConfig) -> None:
         if not isinstance(config, LLMJudgeConfig):
             raise JudgeError(f"judge: expected an LLMJudgeConfig, got {type(config).__name__}")
-        _read_key(config.api_key_env)  # fail now, before any work, when the variable is missing
-        super().__init__(
-            extra_counters=(
-                "requests",
-                "retries",
-                "timeouts",
-                "http_errors",
-                "connection_errors",
-                "latency_s_total",
-                "latency_s_max",
-                "comparisons",
-                "identical_skipped",
+        key = os.environ.get(config.api_key_env) if config.api_key_env else None
+        if config.api_key_env and not key:  # fail now, before any work
+            raise JudgeError(
+                f"judge.api_key_env: environment variable {config.api_key_env} is not set "
+                "(it must hold the API key)"
             )
-        )
+        super().__init__(extra_counters=_COUNTERS)
         self.config = config
         self.url = config.base_url + "/chat/completions"
-        self._sleep = sleep
-        self._opener = opener or urllib.request.build_opener()
-        self._rng = random.Random(config.seed)
+        # Our own HTTP client, only to count what the openai client does inside (its retries).
+        self._http = _CountingHttpClient(self._count, self._count_max)
+        self._client = openai.OpenAI(
+            base_url=config.base_url,
+            api_key=key or _NO_KEY,
+            timeout=config.timeout_s,
+            max_retries=config.max_retries,
+            http_client=self._http,
+        )
 
     @classmethod
     def from_config(cls, config: LLMJudgeConfig, **kwargs: Any) -> LLMJudge:
@@ -161,7 +179,10 @@ class LLMJudge(Judge):
 
     def __repr__(self) -> str:
         c = self.config
-        return f"LLMJudge(url={self.url!r}, model={c.model!r}, mode={c.mode!r}, api_key_env={c.api_key_env!r})"
+        return (
+            f"LLMJudge(url={self.url!r}, model={c.model!r}, mode={c.mode!r}, "
+            f"api_key_env={c.api_key_env!r})"
+        )
 
     def stats(self) -> dict[str, float]:
         out = super().stats()
@@ -170,115 +191,52 @@ class LLMJudge(Judge):
         return out
 
     # ------------------------------------------------------------------------------ HTTP
-    def _backoff(self, attempt: int) -> float:
-        c = self.config
-        delay = min(c.backoff_max_s, c.backoff_s * 2.0**attempt)
-        if c.jitter:
-            with self._lock:
-                u = self._rng.random()
-            delay *= 1.0 + c.jitter * (2.0 * u - 1.0)
-        return delay
-
-    def _post(self, body: bytes, headers: dict[str, str], abort: threading.Event) -> Any:
-        """One question, retried; returns the reply text, None (bad envelope) or _FAILED.
+    def _ask(self, content: str, abort: threading.Event) -> Any:
+        """One question (the client retries it); the reply text, None (no text) or _FAILED.
 
         ``abort`` is set by the first fatal error (401/403/404) so queued questions are not sent.
         """
+        if abort.is_set():
+            return _FAILED
         c = self.config
-        for attempt in range(c.max_retries + 1):
-            if abort.is_set():
-                return _FAILED
-            self._count("requests")
-            t0 = time.monotonic()
-            what = ""
-            asked: float | None = None
-            try:
-                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with self._opener.open(req, timeout=c.timeout_s) as resp:
-                    raw = resp.read()
-                dt = time.monotonic() - t0
-                self._count("latency_s_total", dt)
-                self._count_max("latency_s_max", dt)
-                return _content(raw)
-            except urllib.error.HTTPError as err:
-                self._count("http_errors")
-                status = err.code
-                asked = retry_after_seconds(err.headers.get("Retry-After") if err.headers else None)
-                err.close()
-                if status in _FATAL_STATUS:
-                    abort.set()
-                    hint = (
-                        f" (check the key in ${c.api_key_env})"
-                        if status in (401, 403) and c.api_key_env
-                        else ""
-                    )
-                    raise JudgeError(f"judge: HTTP {status} from {self.url}{hint}") from None
-                if not (status >= 500 or status in _RETRY_4XX):
-                    log.warning(
-                        "judge request to %s failed with HTTP %d (not retried)", self.url, status
-                    )
-                    return _FAILED
-                what = f"HTTP {status}"
-            except TimeoutError:
-                self._count("timeouts")
-                what = "timeout"
-            except urllib.error.URLError as err:
-                if isinstance(err.reason, (TimeoutError, socket.timeout)):
-                    self._count("timeouts")
-                    what = "timeout"
-                else:
-                    self._count("connection_errors")
-                    what = f"connection error ({type(err.reason).__name__})"
-            except (ConnectionError, http.client.HTTPException, OSError) as err:
-                self._count("connection_errors")
-                what = f"connection error ({type(err).__name__})"
-            if attempt < c.max_retries:
-                delay = self._backoff(attempt)
-                if asked is not None:  # the server said how long to wait
-                    delay = max(delay, min(asked, c.retry_after_max_s))
-                self._count("retries")
-                log.warning(
-                    "judge request to %s: %s; retry %d/%d in %.3g s",
-                    self.url,
-                    what,
-                    attempt + 1,
-                    c.max_retries,
-                    delay,
-                )
-                self._sleep(delay)
-            else:
-                log.warning(
-                    "judge request to %s: %s; giving up after %d attempts",
-                    self.url,
-                    what,
-                    attempt + 1,
-                )
+        system = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
+        self._http.thread.attempts = 0
+        try:
+            reply = self._client.chat.completions.create(
+                model=c.model,
+                messages=[*system, {"role": "user", "content": content}],
+                temperature=c.temperature,
+                max_tokens=c.max_tokens,
+            )
+        except _FATAL as err:
+            abort.set()
+            hint = f" (check the key in ${c.api_key_env})" if c.api_key_env else ""
+            if err.status_code == 404:
+                hint = f" (check base_url and model {c.model!r})"
+            raise JudgeError(f"judge: HTTP {err.status_code} from {self.url}{hint}") from None
+        except openai.APIStatusError as err:
+            why = f"HTTP {err.status_code}"
+        except openai.APITimeoutError:
+            why = f"timed out after {c.timeout_s:g} s"
+        except openai.APIConnectionError as err:
+            why = f"connection error ({type(err.__cause__).__name__})"
+        except json.JSONDecodeError:
+            return None  # a 2xx reply whose body is not JSON
+        else:
+            return _content(reply)
+        finally:
+            self._count("retries", max(0, self._http.thread.attempts - 1))
+        attempts = self._http.thread.attempts
+        log.warning("judge request to %s failed after %d attempt(s): %s", self.url, attempts, why)
         return _FAILED
 
     def _ask_all(self, contents: list[str]) -> list[Any]:
         """Reply texts (or None / _FAILED) of many questions, ``concurrency`` at a time."""
         if not contents:
             return []
-        c = self.config
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = _read_key(c.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        system = [{"role": "system", "content": c.system_prompt}] if c.system_prompt else []
-        bodies = [
-            json.dumps(
-                {
-                    "model": c.model,
-                    "messages": [*system, {"role": "user", "content": text}],
-                    "temperature": c.temperature,
-                    "max_tokens": c.max_tokens,
-                }
-            ).encode()
-            for text in contents
-        ]
         abort = threading.Event()
-        with ThreadPoolExecutor(max_workers=min(c.concurrency, len(bodies))) as pool:
-            futures = [pool.submit(self._post, b, headers, abort) for b in bodies]
+        with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(contents))) as pool:
+            futures = [pool.submit(self._ask, text, abort) for text in contents]
             try:
                 return [f.result() for f in futures]
             except BaseException:
@@ -291,20 +249,12 @@ class LLMJudge(Judge):
     def _pairwise_prompt(self, prompt: str, a: str, b: str) -> str:
         return self.config.pairwise_template.format(prompt=prompt, response_a=a, response_b=b)
 
-    def _scoring_prompt(self, prompt: str, response: str) -> str:
-        c = self.config
-        return c.scoring_template.format(
-            prompt=prompt,
-            response=response,
-            min_score=f"{c.min_score:g}",
-            max_score=f"{c.max_score:g}",
-        )
-
-    def _verdict(self, reply: Any) -> str | None:
+    def _parsed(self, reply: Any, parse: Callable[[str], Any]) -> Any:
+        """The verdict parsed from a reply; None (counted) when it failed or is unparseable."""
         if reply is _FAILED:
             self._count("failures")
             return None
-        v = None if reply is None else parse_pairwise(reply)
+        v = None if reply is None else parse(reply)
         if v is None:
             self._count("unparseable")
         return v
@@ -324,7 +274,7 @@ class LLMJudge(Judge):
         self._count("comparisons", len(asked))
         replies = self._ask_all(contents)
         for k, i in enumerate(asked):
-            v1, v2 = self._verdict(replies[2 * k]), self._verdict(replies[2 * k + 1])
+            v1, v2 = (self._parsed(r, parse_pairwise) for r in replies[2 * k : 2 * k + 2])
             if v1 is not None and v2 is not None:
                 out[i] = ((v1 == "A") + (v2 == "B")) / 2.0
         return out
@@ -333,34 +283,30 @@ class LLMJudge(Judge):
         _require_text(prompts, responses)
         c = self.config
         if c.mode == "scoring":
+            lo, hi = f"{c.min_score:g}", f"{c.max_score:g}"
             replies = self._ask_all(
-                [self._scoring_prompt(p, r) for p, r in zip(prompts, responses)]
+                [
+                    c.scoring_template.format(prompt=p, response=r, min_score=lo, max_score=hi)
+                    for p, r in zip(prompts, responses, strict=True)
+                ]
             )
-            out = np.full(len(prompts), np.nan)
-            for i, reply in enumerate(replies):
-                if reply is _FAILED:
-                    self._count("failures")
-                    continue
-                v = None if reply is None else parse_score(reply, c.min_score, c.max_score)
-                if v is None:
-                    self._count("unparseable")
-                else:
-                    out[i] = v
-            return out
+            scores = [
+                self._parsed(r, lambda t: parse_score(t, c.min_score, c.max_score)) for r in replies
+            ]
+            return np.array([np.nan if v is None else v for v in scores], np.float64)
         # pairwise: round robin among the responses that share a prompt
         groups: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
             groups.setdefault(p, []).append(i)
         triples, index = [], []
         for p, idx in groups.items():
-            for x in range(len(idx)):
-                for y in range(x + 1, len(idx)):
-                    triples.append((p, responses[idx[x]], responses[idx[y]]))
-                    index.append((idx[x], idx[y]))
+            for i, j in itertools.combinations(idx, 2):
+                triples.append((p, responses[i], responses[j]))
+                index.append((i, j))
         probs = self._compare_pairs(triples)
         wins = np.zeros(len(prompts))
         counts = np.zeros(len(prompts))
-        for (i, j), pr in zip(index, probs):
+        for (i, j), pr in zip(index, probs, strict=True):
             if not np.isnan(pr):
                 wins[i] += pr
                 wins[j] += 1.0 - pr
@@ -382,38 +328,28 @@ class LLMJudge(Judge):
             return super().compare_batch(prompts, responses_a, responses_b)
         if not len(prompts) == len(responses_a) == len(responses_b):
             raise JudgeError(
-                f"judge: got {len(prompts)} prompts, {len(responses_a)} and {len(responses_b)} responses"
+                f"judge: got {len(prompts)} prompts, {len(responses_a)} and {len(responses_b)} "
+                "responses"
             )
         _require_text(prompts, [*responses_a, *responses_b])
         self._count("calls")
         self._count("items", len(prompts))
-        return self._compare_pairs(list(zip(prompts, responses_a, responses_b)))
-
-
-def _read_key(name: str | None) -> str | None:
-    if name is None:
-        return None
-    key = os.environ.get(name)
-    if not key:
-        raise JudgeError(
-            f"judge.api_key_env: environment variable {name} is not set (it must hold the API key)"
-        )
-    return key
+        return self._compare_pairs(list(zip(prompts, responses_a, responses_b, strict=True)))
 
 
 def _require_text(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
     for i, x in enumerate([*prompts, *responses]):
         if not isinstance(x, str):
             raise JudgeError(
-                f"judge: the LLM judge needs text; item {i} is a {type(x).__name__} (decode token ids first)"
+                f"judge: the LLM judge needs text; item {i} is a {type(x).__name__} "
+                "(decode token ids first)"
             )
 
 
-def _content(raw: bytes) -> str | None:
-    """``choices[0].message.content`` of a chat-completions reply, or None if it is malformed."""
+def _content(reply: Any) -> str | None:
+    """``choices[0].message.content`` of a chat completion, or None when the reply has none."""
     try:
-        data = json.loads(raw)
-        content = data["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
+        content = reply.choices[0].message.content
+    except (AttributeError, IndexError, KeyError, TypeError):
         return None
-    return content if isinstance(content, str) else None
+    return content if isinstance(content, str) and content else None

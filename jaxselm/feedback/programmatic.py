@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxselm.errors import JudgeError
 from jaxselm.feedback.base import Judge, Response
-from jaxselm.feedback.config import _SPEC_RE, ProgrammaticJudgeConfig
+from jaxselm.feedback.config import SPEC_RE, ProgrammaticJudgeConfig
 
 
 def _one_line(err: BaseException, limit: int = 200) -> str:
@@ -37,7 +37,7 @@ def _one_line(err: BaseException, limit: int = 200) -> str:
 
 def resolve_callable(spec: str, *, field: str = "judge.function") -> Callable[..., Any]:
     """Import ``package.module:attr[.attr]`` and return it; one-line JudgeError if that fails."""
-    if not isinstance(spec, str) or not _SPEC_RE.match(spec):
+    if not isinstance(spec, str) or not SPEC_RE.match(spec):
         raise JudgeError(f"{field}: must look like 'package.module:function', got {spec!r}")
     module_name, attr_path = spec.split(":", 1)
     try:

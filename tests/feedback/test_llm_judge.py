@@ -4,7 +4,11 @@ The server (stdlib ThreadingHTTPServer, port 0, one per test) is a position-bias
 each response carries its true quality as "answer <q>", and a pairwise question is answered "A"
 unless B is better by more than BIAS -- so a single order is wrong on close calls and only the
 two-order average is right. Per-test behaviours inject timeouts, 5xx, 4xx and junk replies.
-Back-off sleeps are recorded by an injected ``sleep`` (delays are checked, wall time never is).
+
+Retries are the openai client's: its back-off after a timeout or connection error is ~0.5 s, so
+those tests allow one retry; replies that fail with a status carry a small ``retry-after-ms``
+header, which the client honours instead of its back-off, so they retry in milliseconds. Waits
+are only checked from below (the server saw the retry no earlier than it asked).
 """
 
 from __future__ import annotations
@@ -48,13 +52,14 @@ def biased_reply(user: str) -> str:
 
 
 class FakeLLM:
-    """A chat-completions server; ``behavior(n, body)`` -> (status, reply text or raw bytes, delay_s)
-    or that plus a dict of extra response headers."""
+    """A chat-completions server; ``behavior(n, body)`` -> (status, reply text or raw bytes,
+    delay_s), or that plus a dict of extra response headers."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
+        self.times: list[float] = []  # time.monotonic() at each request's arrival
         self.inflight = 0
         self.max_inflight = 0
         self.behavior = lambda n, body: (200, biased_reply(body["messages"][-1]["content"]), 0.0)
@@ -69,6 +74,7 @@ class FakeLLM:
                 with fake.lock:
                     n = len(fake.bodies)
                     fake.bodies.append(body)
+                    fake.times.append(time.monotonic())
                     fake.headers.append({k.lower(): v for k, v in self.headers.items()})
                     fake.path = self.path
                     fake.inflight += 1
@@ -148,21 +154,22 @@ def server():
     fake.close()
 
 
-def judge_for(server, sleeps=None, **kw) -> LLMJudge:
+def judge_for(server, **kw) -> LLMJudge:
     cfg = dict(
         kind="llm",
         base_url=server.url,
         model="judge-model",
         timeout_s=0.25,
         max_retries=2,
-        backoff_s=0.01,
-        backoff_max_s=1.0,
-        jitter=0.0,
         concurrency=4,
     )
     cfg.update(kw)
-    sleeps = [] if sleeps is None else sleeps
-    return make_judge(cfg, sleep=sleeps.append)
+    return make_judge(cfg)
+
+
+def judge_warnings(caplog) -> list[str]:
+    """The judge's own log lines (the openai client logs under its own name)."""
+    return [r.getMessage() for r in caplog.records if r.name == "jaxselm.feedback.llm"]
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -231,7 +238,6 @@ def test_pairwise_asks_both_orders_and_cancels_position_bias(server):
     assert server.path == "/v1/chat/completions"
     assert body["model"] == "judge-model" and body["temperature"] == 0 and body["max_tokens"] == 16
     assert [m["role"] for m in body["messages"]] == ["system", "user"]
-    assert "authorization" not in server.headers[0]  # no api_key_env configured
     st = judge.stats()
     assert (
         st["requests"] == 8
@@ -285,167 +291,138 @@ def test_scoring_mode_and_unparseable_replies_dropped(server):
 def test_junk_http_bodies_are_unparseable(server):
     junk = [
         b"not json at all",
+        b"",
+        b"[]",
         b'{"choices": []}',
+        b'{"choices": "x"}',
         b'{"choices": [{"message": {"content": null}}]}',
+        b'{"choices": [{"message": {"content": 5}}]}',
     ]
     server.behavior = lambda n, body: (200, junk[n], 0.0)
     judge = judge_for(server, mode="scoring", concurrency=1)
-    s = judge.score(["p"] * 3, ["answer 1", "answer 2", "answer 3"])
+    s = judge.score(["p"] * len(junk), [f"answer {i}" for i in range(len(junk))])
     assert np.isnan(s).all()
-    assert judge.stats()["unparseable"] == 3 and server.count == 3
+    st = judge.stats()
+    assert st["unparseable"] == len(junk) and st["failures"] == 0 and st["retries"] == 0
+    assert server.count == len(junk)
 
 
 # --------------------------------------------------------------------- failures, retries
 def test_timeouts_are_retried_then_succeed(server):
-    server.behavior = lambda n, body: (200, "8", 0.6 if n < 2 else 0.0)  # client timeout is 0.25 s
-    sleeps: list[float] = []
-    judge = judge_for(server, sleeps, mode="scoring")
+    server.behavior = lambda n, body: (200, "8", 0.6 if n < 1 else 0.0)  # client timeout: 0.25 s
+    judge = judge_for(server, mode="scoring", max_retries=1)
     np.testing.assert_array_equal(judge.score(["p"], ["answer 8"]), [8.0])
     st = judge.stats()
-    assert (
-        st["timeouts"] == 2 and st["retries"] == 2 and st["requests"] == 3 and st["failures"] == 0
-    )
-    assert sleeps == [0.01, 0.02]  # exponential back-off
+    assert st["timeouts"] == 1 and st["retries"] == 1 and st["requests"] == 2
+    assert st["failures"] == 0 and server.count == 2
 
 
-def test_retry_after_is_honoured_up_to_its_cap(server):
-    """A rate-limited API says how long to wait (429 + Retry-After): the judge waits that long
-    instead of its shorter back-off, but never longer than retry_after_max_s; an unreadable
-    header falls back to the back-off."""
-    headers = [{"Retry-After": "0.5"}, {"Retry-After": "3600"}, {"Retry-After": "soon"}]
-    server.behavior = lambda n, body: ((429, "", 0.0, headers[n]) if n < 3 else (200, "7", 0.0))
-    sleeps: list[float] = []
-    judge = judge_for(server, sleeps, mode="scoring", retry_after_max_s=2.0, max_retries=3)
-    np.testing.assert_array_equal(judge.score(["p"], ["answer 7"]), [7.0])
-    assert sleeps == [0.5, 2.0, 0.04]  # asked 0.5 s; asked an hour, capped; back-off 0.01 * 2**2
-
-
-def test_retry_after_header_forms():
-    from jaxselm.feedback.llm import retry_after_seconds
-
-    assert retry_after_seconds("120") == 120.0 and retry_after_seconds(" 1.5 ") == 1.5
-    assert retry_after_seconds("-3") == 0.0
-    now = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
-    assert retry_after_seconds("Tue, 14 Nov 2023 22:13:50 GMT", now=now) == 30.0
-    assert retry_after_seconds("Tue, 14 Nov 2023 22:13:00 GMT", now=now) == 0.0  # in the past
-    for bad in (None, "", "soon", "nan"):
-        assert retry_after_seconds(bad) is None
-
-
-def test_persistent_timeouts_give_nan_and_count_a_failure(server):
+def test_persistent_timeouts_give_nan_and_count_a_failure(server, caplog):
     server.behavior = lambda n, body: (200, "8", 0.6)
     judge = judge_for(server, mode="scoring", max_retries=1)
-    s = judge.score(["p"], ["answer 8"])
-    assert np.isnan(s).all()
+    assert np.isnan(judge.score(["p"], ["answer 8"])).all()
     st = judge.stats()
-    assert st["timeouts"] == 2 and st["requests"] == 2 and st["failures"] == 1
+    assert st["timeouts"] == 2 and st["requests"] == 2 and st["retries"] == 1
+    assert st["failures"] == 1 and st["latency_s_mean"] == 0.0
+    (line,) = judge_warnings(caplog)  # one line per failed question, not one per attempt
+    assert server.url in line and "timed out" in line and "2 attempt" in line
 
 
-def test_5xx_retried_with_exponential_backoff_then_success(server):
-    server.behavior = lambda n, body: (500 if n < 3 else 200, "6", 0.0)
-    sleeps: list[float] = []
-    judge = judge_for(
-        server,
-        sleeps,
-        mode="scoring",
-        max_retries=3,
-        backoff_s=0.05,
-        backoff_max_s=0.15,
-        concurrency=1,
-    )
+def test_5xx_retried_then_success(server):
+    # The client retries 5xx after the wait the reply asks for (10 ms), not its 0.5 s+ back-off.
+    server.behavior = lambda n, body: (500 if n < 3 else 200, "6", 0.0, {"retry-after-ms": "10"})
+    judge = judge_for(server, mode="scoring", max_retries=3, concurrency=1)
     np.testing.assert_array_equal(judge.score(["p"], ["answer 6"]), [6.0])
-    assert sleeps == [0.05, 0.1, 0.15]  # doubled each time, capped at backoff_max_s
     st = judge.stats()
-    assert st["http_errors"] == 3 and st["requests"] == 4 and st["failures"] == 0
+    assert st["http_errors"] == 3 and st["retries"] == 3 and st["requests"] == 4
+    assert st["failures"] == 0 and server.count == 4
 
 
-def test_jittered_backoff_is_seeded_and_bounded(server):
-    def delays(seed):
-        server.behavior = lambda n, body: (503, "", 0.0)
-        sleeps: list[float] = []
-        judge = judge_for(
-            server,
-            sleeps,
-            mode="scoring",
-            max_retries=3,
-            backoff_s=0.1,
-            jitter=0.5,
-            seed=seed,
-            concurrency=1,
-        )
-        assert np.isnan(judge.score(["p"], ["answer 1"])).all()
-        return sleeps
-
-    a, b, c = delays(1), delays(1), delays(2)
-    assert a == b and a != c
-    for k, d in enumerate(a):
-        assert 0.5 * 0.1 * 2**k <= d <= 1.5 * 0.1 * 2**k
+def test_persistent_5xx_and_429_give_nan_after_max_retries(server, caplog):
+    statuses = [429, 503, 502]
+    server.behavior = lambda n, body: (statuses[n], "busy", 0.0, {"retry-after-ms": "10"})
+    judge = judge_for(server, mode="scoring", max_retries=2)
+    assert np.isnan(judge.score(["p"], ["answer 6"])).all()
+    st = judge.stats()
+    assert st["http_errors"] == 3 and st["retries"] == 2 and st["requests"] == 3
+    assert st["failures"] == 1 and server.count == 3
+    (line,) = judge_warnings(caplog)
+    assert server.url in line and "HTTP 502" in line and "3 attempt" in line
 
 
-def test_401_is_not_retried_and_raises(server, monkeypatch):
+@pytest.mark.parametrize("header, value", [("retry-after-ms", "700"), ("Retry-After", "0.7")])
+def test_retry_after_is_honoured(server, header, value):
+    """A rate-limited API says how long to wait (429 + retry-after-ms or Retry-After): the client
+    waits that long instead of its own back-off, which is at most 0.5 s before a first retry."""
+    server.behavior = lambda n, body: (429, "", 0.0, {header: value}) if n == 0 else (200, "7", 0.0)
+    judge = judge_for(server, mode="scoring", max_retries=1)
+    np.testing.assert_array_equal(judge.score(["p"], ["answer 7"]), [7.0])
+    assert server.count == 2 and server.times[1] - server.times[0] >= 0.7  # a lower bound only
+    st = judge.stats()
+    assert st["http_errors"] == 1 and st["retries"] == 1 and st["failures"] == 0
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_401_403_404_are_not_retried_and_raise_at_once(server, monkeypatch, status):
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
-    server.behavior = lambda n, body: (401, "unauthorized", 0.0)
-    judge = judge_for(server, api_key_env="JUDGE_TEST_KEY", concurrency=1)
+    server.behavior = lambda n, body: (status, "denied", 0.0, {"retry-after-ms": "10"})
+    judge = judge_for(server, mode="scoring", api_key_env="JUDGE_TEST_KEY", concurrency=1)
     with pytest.raises(JudgeError) as err:
-        judge.compare("p", "answer 1", "answer 2")
+        judge.score(["p"] * 5, [f"answer {i}" for i in range(5)])
     msg = str(err.value)
-    assert "\n" not in msg and "401" in msg and "JUDGE_TEST_KEY" in msg and SECRET not in msg
-    assert server.count == 1 and judge.stats()["retries"] == 0
+    assert msg.startswith(f"judge: HTTP {status} from {server.url}/chat/completions")
+    assert "\n" not in msg and SECRET not in msg
+    assert ("JUDGE_TEST_KEY" in msg) == (status != 404)
+    # Not retried, and the four questions still queued were never sent.
+    assert server.count == 1 and judge.stats()["retries"] == 0 and judge.stats()["requests"] == 1
 
 
-def test_other_4xx_is_not_retried_and_drops_the_item(server):
-    server.behavior = lambda n, body: (400, "context too long", 0.0)
+def test_other_4xx_is_not_retried_and_drops_the_item(server, caplog):
+    server.behavior = lambda n, body: (400, "context too long", 0.0, {"retry-after-ms": "10"})
     judge = judge_for(server, mode="scoring")
     assert np.isnan(judge.score(["p"], ["answer 1"])).all()
     st = judge.stats()
-    assert (
-        server.count == 1 and st["retries"] == 0 and st["failures"] == 1 and st["http_errors"] == 1
-    )
+    assert server.count == 1 and st["retries"] == 0 and st["failures"] == 1
+    assert st["http_errors"] == 1
+    (line,) = judge_warnings(caplog)
+    assert "HTTP 400" in line and "1 attempt" in line
 
 
-def test_connection_refused_is_retried_and_counted():
+def test_connection_refused_is_retried_and_counted(caplog):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    sleeps: list[float] = []
+    url = f"http://127.0.0.1:{port}/v1"
     judge = make_judge(
-        dict(
-            kind="llm",
-            base_url=f"http://127.0.0.1:{port}/v1",
-            model="m",
-            mode="scoring",
-            max_retries=2,
-            backoff_s=0.01,
-            jitter=0.0,
-            timeout_s=0.25,
-        ),
-        sleep=sleeps.append,
+        dict(kind="llm", base_url=url, model="m", mode="scoring", max_retries=1, timeout_s=0.25)
     )
     assert np.isnan(judge.score(["p"], ["answer 1"])).all()
     st = judge.stats()
-    assert st["connection_errors"] == 3 and st["failures"] == 1 and len(sleeps) == 2
+    assert st["connection_errors"] == 2 and st["requests"] == 2 and st["retries"] == 1
+    assert st["failures"] == 1
+    (line,) = judge_warnings(caplog)
+    assert url in line and "connection error" in line
 
 
 # --------------------------------------------------------------------- secrets, limits
 def test_api_key_from_env_sent_but_never_shown(server, monkeypatch, caplog):
     monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
     caplog.set_level(logging.DEBUG)
-    server.behavior = lambda n, body: (500 if n == 0 else 200, "A", 0.0)  # one retry -> a log line
+    statuses = [500, 200, 400]  # a retry, then a failed question: the client and the judge log
+    server.behavior = lambda n, body: (statuses[n], "A", 0.0, {"retry-after-ms": "10"})
     cfg = parse_judge_config(
         dict(
             kind="llm",
             base_url=server.url,
             model="m",
             api_key_env="JUDGE_TEST_KEY",
-            backoff_s=0.0,
-            jitter=0.0,
             concurrency=1,
         )
     )
-    judge = make_judge(cfg, sleep=lambda s: None)
-    judge.compare("p", "answer 9", "answer 1")
-    assert {h["authorization"] for h in server.headers} == {f"Bearer {SECRET}"}
-    assert "retry" in caplog.text
+    judge = make_judge(cfg)
+    assert np.isnan(judge.compare("p", "answer 9", "answer 1"))
+    assert [h["authorization"] for h in server.headers] == [f"Bearer {SECRET}"] * 3
+    assert judge_warnings(caplog) and any(r.name.startswith("openai") for r in caplog.records)
     for shown in (
         repr(judge),
         str(judge),
@@ -456,6 +433,14 @@ def test_api_key_from_env_sent_but_never_shown(server, monkeypatch, caplog):
         str(vars(judge)),
     ):
         assert SECRET not in shown
+
+
+def test_without_api_key_env_no_key_from_the_environment_is_sent(server, monkeypatch):
+    # The openai client would fall back to $OPENAI_API_KEY; the judge sends a placeholder instead.
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    judge = judge_for(server)
+    assert judge.compare("p", "answer 9", "answer 1") == 1.0
+    assert {h.get("authorization") for h in server.headers} == {"Bearer EMPTY"}
 
 
 def test_missing_api_key_variable_fails_before_any_request(server, monkeypatch):
@@ -473,7 +458,8 @@ def test_concurrency_limit_is_respected(server):
     s = judge.score(["p"] * 9, [f"answer {i}" for i in range(1, 10)])
     np.testing.assert_array_equal(s, [5.0] * 9)
     assert server.max_inflight == 3
-    assert judge.stats()["latency_s_mean"] > 0
+    st = judge.stats()
+    assert st["latency_s_mean"] > 0 and st["latency_s_max"] >= st["latency_s_mean"]
 
 
 def test_llm_judge_needs_text():
@@ -501,6 +487,11 @@ def test_llm_judge_needs_text():
             r"^judge\.scoring_template: unknown placeholder \{score\}",
         ),
         (dict(temperatur=0.0), r"^judge\.temperatur: unknown key"),
+        (dict(temperature=-0.5), r"^judge\.temperature: must be >= 0 \(got -0\.5\)$"),
+        (dict(max_tokens=0), r"^judge\.max_tokens: must be >= 1 \(got 0\)$"),
+        (dict(max_retries=-1), r"^judge\.max_retries: must be >= 0 \(got -1\)$"),
+        # the hand-written back-off is gone: the openai client owns retries now
+        (dict(backoff_s=1.0), r"^judge\.backoff_s: unknown key"),
     ],
 )
 def test_bad_llm_configs_are_one_line_errors(override, match):
