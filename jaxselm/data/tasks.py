@@ -1,7 +1,7 @@
 """Synthetic tasks with exact verifiers: the CoPE paper's toy tasks and a short sorting task.
 
 Each task writes prompts and answers as space-separated words over a tiny vocabulary (so the
-built-in :class:`~jaxselm.data.tokenizer.WordTokenizer` gives one id per word), generates
+built-in :class:`~jaxselm.data.tokenizer_base.WordTokenizer` gives one id per word), generates
 example ``i`` from ``(seed, split, i)`` alone (deterministic, independent of how many are
 drawn), and can score any response from the prompt alone. The first word of every prompt names
 the task, so :func:`score` is one programmatic judge for all of them (``jaxselm.data.tasks:score``).
@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from jaxselm.data.tokenizer import WordTokenizer
+from jaxselm.data.tokenizer_base import WordTokenizer
 from jaxselm.errors import ConfigError, DataError
 
 _SPLIT_STREAMS = {"train": 0, "test": 1, "validation": 2}
@@ -126,8 +126,12 @@ class SortTask(Task):
         )
         _check(self.max_items <= 32, "sort", "max_items", "at most 32 (answers stay short)")
         _check(1 <= self.max_value <= 99, "sort", "max_value", "must be in [1, 99]")
-        _check(not self.distinct or self.max_items <= self.max_value + 1, "sort", "distinct",
-               "needs max_items <= max_value + 1")
+        _check(
+            not self.distinct or self.max_items <= self.max_value + 1,
+            "sort",
+            "distinct",
+            "needs max_items <= max_value + 1",
+        )
 
     def vocab(self) -> list[str]:
         return ["sort", "=", *(str(v) for v in range(self.max_value + 1))]

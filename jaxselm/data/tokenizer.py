@@ -1,9 +1,8 @@
-"""Tokenizers behind one small interface: Hugging Face ``tokenizer.json``, SentencePiece, built-ins.
+"""Tokenizers read from files, and :func:`load_tokenizer`, which picks one from what it finds.
 
-Everything downstream (sampling, training, the online loop) needs the same few things from a
-tokenizer: text -> ids, ids -> text, the BOS/EOS/pad ids and the vocabulary size, and the chat
-template that turns a conversation into the prompt the model was tuned on. :class:`Tokenizer`
-is that interface. Implementations:
+Both implement :class:`~jaxselm.data.tokenizer_base.Tokenizer` (the interface, with the
+file-free built-ins :class:`~jaxselm.data.tokenizer_base.ByteTokenizer` and
+:class:`~jaxselm.data.tokenizer_base.WordTokenizer`, lives in :mod:`jaxselm.data.tokenizer_base`):
 
 * :class:`HFTokenizer`: a ``tokenizer.json`` (fast tokenizer format) read with the ``tokenizers``
   library; special tokens and the chat template come from ``tokenizer_config.json`` (and
@@ -12,16 +11,13 @@ is that interface. Implementations:
 * :class:`SentencePieceTokenizer`: a SentencePiece ``.model`` (MAP-Neo's and Llama-2's format);
   special-token strings inside the text (e.g. ``<s>`` written by a chat template) map to their
   ids, the rest goes through SentencePiece.
-* :class:`ByteTokenizer` and :class:`WordTokenizer`: tiny built-ins with a deterministic
-  vocabulary and no files, for the synthetic tasks and CPU demos.
 
-:func:`load_tokenizer` picks the implementation from the files it finds. Missing or malformed
-files raise :class:`~jaxselm.errors.TokenizerError` naming the file.
+:func:`load_tokenizer` also gives the built-ins (``builtin:bytes``, ``builtin:task:NAME``).
+Missing or malformed files raise :class:`~jaxselm.errors.TokenizerError` naming the file.
 """
 
 from __future__ import annotations
 
-import abc
 import json
 import os
 import re
@@ -29,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxselm.data.chat_template import one_line, render_chat_template
+from jaxselm.data.chat_template import one_line
+from jaxselm.data.tasks import task_tokenizer
+from jaxselm.data.tokenizer_base import ByteTokenizer, Tokenizer
 from jaxselm.errors import TokenizerError
-
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
 # The names transformers exposes to chat templates (its ``special_tokens_map``).
 _SPECIAL_NAMES = (
@@ -44,84 +40,6 @@ _SPECIAL_NAMES = (
     "cls_token",
     "mask_token",
 )
-
-# A plain template for the built-ins: message contents separated by single spaces; roles are not
-# written (the built-in vocabularies are for single-turn synthetic tasks).
-SIMPLE_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['content'] }}{% if not loop.last %} {% endif %}{% endfor %}"
-)
-
-
-class Tokenizer(abc.ABC):
-    """The interface every tokenizer offers; see the module docstring."""
-
-    #: Where the tokenizer came from (a path or ``builtin:...``), for messages.
-    source: str
-
-    @abc.abstractmethod
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Text to ids; special-token strings in ``text`` become their ids."""
-
-    @abc.abstractmethod
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        """Ids to text."""
-
-    @property
-    @abc.abstractmethod
-    def vocab_size(self) -> int:
-        """Number of ids (including added/special tokens)."""
-
-    @property
-    @abc.abstractmethod
-    def bos_id(self) -> int | None:
-        """Beginning-of-sequence id, or None when the tokenizer has none."""
-
-    @property
-    @abc.abstractmethod
-    def eos_id(self) -> int | None:
-        """End-of-sequence id, or None when the tokenizer has none."""
-
-    @property
-    @abc.abstractmethod
-    def pad_id(self) -> int:
-        """Padding id: the declared pad token, else EOS, else 0 (padding is always masked)."""
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        """Named special tokens as strings, e.g. {"bos_token": "<s>"}; seen by chat templates."""
-        return {}
-
-    @property
-    def chat_template(self) -> str | None:
-        """The Jinja chat template, or None."""
-        return None
-
-    def apply_chat_template(
-        self,
-        messages: Sequence[Mapping[str, Any]],
-        add_generation_prompt: bool = False,
-        **kwargs: Any,
-    ) -> str:
-        """Renders ``messages`` to prompt text with the tokenizer's chat template."""
-        if self.chat_template is None:
-            raise TokenizerError(f"{self.source}: the tokenizer has no chat template")
-        return render_chat_template(
-            self.chat_template,
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            special_tokens=self.special_tokens,
-            source=self._template_source(),
-            **kwargs,
-        )
-
-    def _template_source(self) -> str:
-        return self.source
-
-
-def _pad_fallback(pad: int | None, eos: int | None) -> int:
-    if pad is not None:
-        return pad
-    return eos if eos is not None else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,12 +129,42 @@ class _TokenizerConfig:
             self.template_source = str(cfg_path)
 
 
+class _FileTokenizer(Tokenizer):
+    """What the file-backed tokenizers share: special ids by name and ``tokenizer_config.json``
+    (``_ids`` and ``_config``, set by the subclass)."""
+
+    _ids: dict[str, int]
+    _config: _TokenizerConfig
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._ids.get("bos_token")
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._ids.get("eos_token")
+
+    @property
+    def pad_id(self) -> int:
+        pad = self._ids.get("pad_token")
+        if pad is not None:
+            return pad
+        return self.eos_id if self.eos_id is not None else 0
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._config.chat_template
+
+    def _template_source(self) -> str:
+        return self._config.template_source or self.source
+
+
 # --------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json
 # --------------------------------------------------------------------------------------------
 
 
-class HFTokenizer(Tokenizer):
+class HFTokenizer(_FileTokenizer):
     """A ``tokenizer.json`` read with the ``tokenizers`` library, plus ``tokenizer_config.json``."""
 
     def __init__(self, path: str | os.PathLike):
@@ -245,50 +193,15 @@ class HFTokenizer(Tokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
-    def bos_id(self) -> int | None:
-        return self._ids.get("bos_token")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._ids.get("eos_token")
-
-    @property
-    def pad_id(self) -> int:
-        return _pad_fallback(self._ids.get("pad_token"), self.eos_id)
-
-    @property
     def special_tokens(self) -> dict[str, str]:
         return dict(self._config.tokens)
 
-    @property
-    def chat_template(self) -> str | None:
-        return self._config.chat_template
-
-    def _template_source(self) -> str:
-        return self._config.template_source or self.source
-
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = list(self._tok.encode(text, add_special_tokens=False).ids)
-        return _add_specials(ids, self, add_bos, add_eos)
+        return self._add_specials(ids, add_bos, add_eos)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-
-
-def _add_specials(ids: list[int], tok: Tokenizer, add_bos: bool, add_eos: bool) -> list[int]:
-    if add_bos:
-        if tok.bos_id is None:
-            raise TokenizerError(
-                f"{tok.source}: add_bos requested but the tokenizer has no BOS token"
-            )
-        ids = [tok.bos_id] + ids
-    if add_eos:
-        if tok.eos_id is None:
-            raise TokenizerError(
-                f"{tok.source}: add_eos requested but the tokenizer has no EOS token"
-            )
-        ids = ids + [tok.eos_id]
-    return ids
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,7 +209,7 @@ def _add_specials(ids: list[int], tok: Tokenizer, add_bos: bool, add_eos: bool) 
 # --------------------------------------------------------------------------------------------
 
 
-class SentencePieceTokenizer(Tokenizer):
+class SentencePieceTokenizer(_FileTokenizer):
     """A SentencePiece ``.model``; ``tokenizer_config.json`` beside it may rename the specials."""
 
     def __init__(self, path: str | os.PathLike):
@@ -362,27 +275,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.get_piece_size()
 
     @property
-    def bos_id(self) -> int | None:
-        return self._ids.get("bos_token")
-
-    @property
-    def eos_id(self) -> int | None:
-        return self._ids.get("eos_token")
-
-    @property
-    def pad_id(self) -> int:
-        return _pad_fallback(self._ids.get("pad_token"), self.eos_id)
-
-    @property
     def special_tokens(self) -> dict[str, str]:
         return dict(self._names)
-
-    @property
-    def chat_template(self) -> str | None:
-        return self._config.chat_template
-
-    def _template_source(self) -> str:
-        return self._config.template_source or self.source
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids: list[int] = []
@@ -395,7 +289,7 @@ class SentencePieceTokenizer(Tokenizer):
                 pos = m.end()
         if pos < len(text):
             ids.extend(self._sp.encode(text[pos:]))
-        return _add_specials(ids, self, add_bos, add_eos)
+        return self._add_specials(ids, add_bos, add_eos)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         out: list[str] = []
@@ -420,96 +314,6 @@ def _is_user_defined(sp: Any, i: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Built-ins
-# --------------------------------------------------------------------------------------------
-
-
-class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes: ids 0/1/2 are pad/BOS/EOS and byte b is id b + 3 (vocabulary 259)."""
-
-    _OFFSET = 3
-
-    def __init__(self, chat_template: str = SIMPLE_CHAT_TEMPLATE):
-        self.source = "builtin:bytes"
-        self._template = chat_template
-
-    vocab_size = property(lambda self: 256 + self._OFFSET)
-    bos_id = property(lambda self: 1)
-    eos_id = property(lambda self: 2)
-    pad_id = property(lambda self: 0)
-    chat_template = property(lambda self: self._template)
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        return {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS}
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        return _add_specials(
-            [b + self._OFFSET for b in text.encode("utf-8")], self, add_bos, add_eos
-        )
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        data = bytes(
-            int(i) - self._OFFSET for i in ids if self._OFFSET <= int(i) < self._OFFSET + 256
-        )
-        return data.decode("utf-8", errors="replace")
-
-
-class WordTokenizer(Tokenizer):
-    """Whitespace-separated words from a fixed list: ids 0..3 are pad/BOS/EOS/unk, then the words.
-
-    Deterministic and file-free: the synthetic tasks build theirs from their own vocabulary
-    (see :func:`jaxselm.data.tasks.task_tokenizer`), so ids are stable across runs and hosts.
-    """
-
-    def __init__(
-        self, words: Sequence[str], chat_template: str = SIMPLE_CHAT_TEMPLATE, name: str = "words"
-    ):
-        self.source = f"builtin:{name}"
-        words = list(words)
-        bad = [
-            w for w in words if not w or any(c.isspace() for c in w) or w in (PAD, BOS, EOS, UNK)
-        ]
-        if bad:
-            raise TokenizerError(
-                f"{self.source}: invalid vocabulary word {bad[0]!r} "
-                "(empty, contains whitespace, or reserved)"
-            )
-        if len(set(words)) != len(words):
-            dup = next(w for w in words if words.count(w) > 1)
-            raise TokenizerError(f"{self.source}: duplicate vocabulary word {dup!r}")
-        self.words: tuple[str, ...] = (PAD, BOS, EOS, UNK, *words)
-        self._ids = {w: i for i, w in enumerate(self.words)}
-        self._template = chat_template
-
-    vocab_size = property(lambda self: len(self.words))
-    bos_id = property(lambda self: 1)
-    eos_id = property(lambda self: 2)
-    pad_id = property(lambda self: 0)
-    unk_id = property(lambda self: 3)
-    chat_template = property(lambda self: self._template)
-
-    @property
-    def special_tokens(self) -> dict[str, str]:
-        return {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = [self._ids.get(w, 3) for w in text.split()]
-        return _add_specials(ids, self, add_bos, add_eos)
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        out = []
-        for i in (int(i) for i in ids):
-            if not 0 <= i < len(self.words):
-                out.append(UNK)
-            elif i < 4 and skip_special_tokens:
-                continue
-            else:
-                out.append(self.words[i])
-        return " ".join(out)
-
-
-# --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
 
@@ -525,8 +329,6 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if spec == "builtin:bytes":
         return ByteTokenizer()
     if spec.startswith("builtin:task:"):
-        from jaxselm.data.tasks import task_tokenizer
-
         return task_tokenizer(spec.removeprefix("builtin:task:"))
     if spec.startswith("builtin:"):
         raise TokenizerError(

@@ -9,13 +9,7 @@ jaxselm's params pytree and save back to a directory `transformers.from_pretrain
     save_hf_checkpoint(cfg, params, "out/hf-model", dtype="bfloat16")
 """
 
-from jaxselm.hf.checkpoint import (
-    iter_hf_tensors,
-    load_hf_checkpoint,
-    parse_size,
-    read_hf_config,
-    save_hf_checkpoint,
-)
+from jaxselm.hf.checkpoint import load_hf_checkpoint, read_hf_config
 from jaxselm.hf.config import (
     ARCHITECTURES,
     hf_architecture,
@@ -24,6 +18,7 @@ from jaxselm.hf.config import (
     hf_num_labels,
     model_config_to_hf_config,
 )
+from jaxselm.hf.export import iter_hf_tensors, parse_size, save_hf_checkpoint
 
 __all__ = [
     "ARCHITECTURES",

@@ -11,7 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxselm.kernels.cope.common import attention_mask, compute_dtype, split_heads
+from jaxselm.kernels.cope.common import (
+    attention_mask,
+    compute_dtype,
+    default_scale,
+    masked_softmax,
+    split_heads,
+)
 
 
 def masked_attention(
@@ -27,23 +33,20 @@ def masked_attention(
 ) -> jax.Array:
     """Softmax attention with padding / causal / sliding-window masks. Returns [B, T, H, D]."""
     b, t, h, d = q.shape
-    s_len = k.shape[1]
     dt = compute_dtype(q.dtype)
-    scale = d**-0.5 if scale is None else scale
-    mask = attention_mask(b, t, s_len, kv_mask=kv_mask, causal=causal, q_offset=q_offset)
-    if sliding_window is not None:
-        off = s_len - t if q_offset is None else q_offset
-        qpos = jnp.arange(t)[:, None] + off
-        kpos = jnp.arange(s_len)[None, :]
-        mask = mask & (qpos - kpos < sliding_window)[None, None, None]
+    scale = default_scale(scale, d)
+    mask = attention_mask(
+        b,
+        t,
+        k.shape[1],
+        kv_mask=kv_mask,
+        causal=causal,
+        q_offset=q_offset,
+        sliding_window=sliding_window,
+    )
     qg = split_heads(q, k.shape[2])
     # Matmuls in the input dtype with fp32 accumulation; softmax in fp32.
     s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=dt) * jnp.asarray(scale, dt)
-    s = jnp.where(mask, s, -jnp.inf)
-    row_valid = jnp.any(mask, axis=-1, keepdims=True)
-    m = jnp.where(row_valid, jnp.max(s, axis=-1, keepdims=True), 0.0)
-    e = jnp.where(mask, jnp.exp(s - jax.lax.stop_gradient(m)), 0.0)
-    denom = jnp.where(row_valid, jnp.sum(e, axis=-1, keepdims=True), 1.0)
-    probs = (e / denom).astype(v.dtype)
+    probs = masked_softmax(jnp.where(mask, s, -jnp.inf), mask).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=dt)
     return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from jaxselm.data import tokenizer as tk
+from jaxselm.data import tokenizer_base as tb
 from jaxselm.errors import DataError, TokenizerError
 
 TEXTS = [
@@ -236,16 +237,16 @@ def test_builtin_tokenizers():
         == "a b"
     )
 
-    w = tk.WordTokenizer(["sort", "=", "1", "2"])
-    assert w.words[:4] == (tk.PAD, tk.BOS, tk.EOS, tk.UNK) and w.vocab_size == 8
+    w = tb.WordTokenizer(["sort", "=", "1", "2"])
+    assert w.words[:4] == (tb.PAD, tb.BOS, tb.EOS, tb.UNK) and w.vocab_size == 8
     assert w.encode("sort 2 1 =", add_bos=True) == [1, 4, 7, 6, 5]
     assert w.encode("sort 9") == [4, w.unk_id]
     assert w.decode([1, 4, 7, 6, 5, 2, 0, 0]) == "sort 2 1 ="
     # Same words, same ids: no files, no state.
-    assert tk.WordTokenizer(["sort", "=", "1", "2"]).encode("2 1") == w.encode("2 1")
+    assert tb.WordTokenizer(["sort", "=", "1", "2"]).encode("2 1") == w.encode("2 1")
     assert tk.load_tokenizer("builtin:task:sort").encode("sort 3 1 =") == [4, 9, 7, 5]
     with pytest.raises(TokenizerError, match="duplicate vocabulary word"):
-        tk.WordTokenizer(["a", "a"])
+        tb.WordTokenizer(["a", "a"])
     with pytest.raises(TokenizerError, match="unknown built-in"):
         tk.load_tokenizer("builtin:nope")
 

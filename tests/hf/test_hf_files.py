@@ -18,8 +18,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import jaxselm.hf.checkpoint as ckpt
+import jaxselm.hf.export as export
 from jaxselm.errors import CheckpointError, ConfigError
 from jaxselm.hf import iter_hf_tensors, load_hf_checkpoint, read_hf_config, save_hf_checkpoint
+from jaxselm.hf.layout import NP_DTYPES
 from jaxselm.model import get_preset, param_logical_axes, param_shapes
 
 CFG = get_preset("tiny")  # V=64, E=32, L=2, H=4, K=2, F=64
@@ -112,8 +114,8 @@ def test_written_files_read_by_safetensors_library(single):
 def test_raw_reader_matches_safetensors(tmp_path, dtype):
     """The fallback reader (old safetensors without numpy bfloat16) reads what safe_open reads."""
     arrays = {
-        "a": np.arange(12, dtype=np.float32).reshape(3, 4).astype(ckpt._NP_DTYPES[dtype]),
-        "b": np.linspace(-1, 1, 5, dtype=np.float32).astype(ckpt._NP_DTYPES[dtype]),
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4).astype(NP_DTYPES[dtype]),
+        "b": np.linspace(-1, 1, 5, dtype=np.float32).astype(NP_DTYPES[dtype]),
     }
     path = tmp_path / "x.safetensors"
     save_file(arrays, str(path))
@@ -202,7 +204,7 @@ def test_save_streams_tensor_by_tensor(tmp_path):
 
 
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
-    real = ckpt._write_safetensors
+    real = export._write_safetensors
     calls = []
 
     def fail_on_second(*args):
@@ -211,7 +213,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
             raise OSError("disk full")
         real(*args)
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", fail_on_second)
+    monkeypatch.setattr(export, "_write_safetensors", fail_on_second)
     with pytest.raises(OSError, match="disk full"):
         save_hf_checkpoint(CFG, _params(), tmp_path / "out", max_shard_size="8KB")
     assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import jaxselm.kernels.cope as cope
-from jaxselm.kernels.cope import _pallas_common, cope_attention
+from jaxselm.kernels.cope import cope_attention, pallas_common
 
 
 @pytest.fixture
@@ -55,18 +55,24 @@ def test_auto_uses_a_kernel_that_passes(fake_gpu, caplog, monkeypatch):
 
 
 def test_auto_falls_back_to_xla_when_the_kernel_does_not_compile(fake_gpu, caplog):
-    fake_gpu.setattr(_pallas_common, "default_interpret", lambda: False)  # Triton lowering on a CPU
+    fake_gpu.setattr(pallas_common, "default_interpret", lambda: False)  # Triton lowering on a CPU
     q, k, v, e = _inputs()
     with caplog.at_level(logging.WARNING, logger="jaxselm.kernels.cope"):
         out = jax.jit(lambda *a: cope_attention(*a, impl="auto"))(q, k, v, e)
-        again = cope_attention(q, k, v, e, impl="auto")  # cached: no second check, no second warning
+        again = cope_attention(
+            q, k, v, e, impl="auto"
+        )  # cached: no second check, no second warning
     assert cope._CHECKED == {("pallas_gpu", "gpu", 16, "float32", 2, 8, True): False}
     [record] = caplog.records
-    assert record.getMessage().startswith("cope_attention impl=auto: pallas_gpu failed its self-check on gpu "
-                                          "(head_dim=16, float32, group=2, P=8, causal=True): ")
+    assert record.getMessage().startswith(
+        "cope_attention impl=auto: pallas_gpu failed its self-check on gpu "
+        "(head_dim=16, float32, group=2, P=8, causal=True): "
+    )
     assert "using xla" in record.getMessage()
     want = cope_attention(q, k, v, e, impl="xla")
-    np.testing.assert_array_equal(out, jax.jit(lambda *a: cope_attention(*a, impl="xla"))(q, k, v, e))
+    np.testing.assert_array_equal(
+        out, jax.jit(lambda *a: cope_attention(*a, impl="xla"))(q, k, v, e)
+    )
     np.testing.assert_array_equal(again, want)
 
 
@@ -78,7 +84,10 @@ def test_a_kernel_that_disagrees_is_not_used(fake_gpu, caplog, monkeypatch):
     monkeypatch.setattr(pg, "cope_attention_pallas_gpu", lambda *a, **kw: 1.1 * real(*a, **kw))
     with caplog.at_level(logging.WARNING, logger="jaxselm.kernels.cope"):
         assert not cope.self_check("pallas_gpu", 16, jnp.float32, 1, 8, False)
-    assert "differs from xla by 0.1 (relative, tolerance 0.002); using xla" in caplog.records[0].getMessage()
+    assert (
+        "differs from xla by 0.1 (relative, tolerance 0.002); using xla"
+        in caplog.records[0].getMessage()
+    )
 
 
 def test_self_check_can_be_switched_off(fake_gpu, monkeypatch):
@@ -91,4 +100,6 @@ def test_self_check_can_be_switched_off(fake_gpu, monkeypatch):
 def test_cpu_auto_is_xla_without_a_check(monkeypatch):
     monkeypatch.setattr(cope, "self_check", lambda *a: pytest.fail("no check on CPU"))
     q, k, v, e = _inputs()
-    np.testing.assert_array_equal(cope_attention(q, k, v, e, impl="auto"), cope_attention(q, k, v, e, impl="xla"))
+    np.testing.assert_array_equal(
+        cope_attention(q, k, v, e, impl="auto"), cope_attention(q, k, v, e, impl="xla")
+    )

@@ -72,7 +72,7 @@ def run(impl, q, k, v, e, *, jit=True, q_offset=None, **kw):
 
 
 def assert_close(got, want, tol, names=("out", "dq", "dk", "dv", "dE")):
-    for name, g, w in zip(names, got, want):
+    for name, g, w in zip(names, got, want, strict=False):
         assert g.shape == w.shape and g.dtype == w.dtype, (name, g.shape, w.shape, g.dtype)
         g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
         assert np.all(np.isfinite(g)), f"{name}: non-finite values"
@@ -197,8 +197,9 @@ PALLAS_CASES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("b,t,s,h,kv,d,npos,dtype,causal,mask,q_offset", PALLAS_CASES)
-def test_pallas_interpret_matches_reference(impl, b, t, s, h, kv, d, npos, dtype, causal, mask,
-                                            q_offset):
+def test_pallas_interpret_matches_reference(
+    impl, b, t, s, h, kv, d, npos, dtype, causal, mask, q_offset
+):
     q, k, v, e, kv_mask = make_inputs(b, t, s, h, kv, d, npos, jnp.dtype(dtype), mask=mask)
     kw = {"kv_mask": kv_mask, "causal": causal}
     kw["q_offset"] = q_offset  # traced inside the jitted call when not None

@@ -85,8 +85,13 @@ def test_reference_matches_numpy_transcription(name, b, t, s, h, kh, d, p, pad):
         kv_mask = np.ones((b, s), bool)
         kv_mask[0, : s // 3] = False  # left padding
         kv_mask[-1, s // 2] = False  # a hole in the middle
-    got = cope_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(e),
-                         kv_mask=None if kv_mask is None else jnp.asarray(kv_mask))
+    got = cope_attention(
+        jnp.asarray(q),
+        jnp.asarray(k),
+        jnp.asarray(v),
+        jnp.asarray(e),
+        kv_mask=None if kv_mask is None else jnp.asarray(kv_mask),
+    )
     want = numpy_cope(q, k, v, e, kv_mask)
     np.testing.assert_allclose(np.asarray(got), want, **FP32_TOL)
 
@@ -96,7 +101,8 @@ def test_non_causal_and_explicit_q_offset():
     kv_mask = np.ones((2, 10), bool)
     kv_mask[:, 7:] = False  # unwritten cache slots
     got = cope_attention(q, k, v, e, kv_mask=jnp.asarray(kv_mask), q_offset=3)
-    np.testing.assert_allclose(np.asarray(got), numpy_cope(q, k, v, e, kv_mask, q_offset=3), **FP32_TOL)
+    want = numpy_cope(q, k, v, e, kv_mask, q_offset=3)
+    np.testing.assert_allclose(np.asarray(got), want, **FP32_TOL)
     got = cope_attention(q, k, v, e, causal=False)
     np.testing.assert_allclose(np.asarray(got), numpy_cope(q, k, v, e, causal=False), **FP32_TOL)
 
@@ -106,7 +112,11 @@ def test_rows_without_valid_keys_are_zero_and_gradients_finite():
     kv_mask = jnp.asarray(np.array([[False, False, True, True, True, True]]))
     out = cope_attention(q, k, v, e, kv_mask=kv_mask)
     assert np.all(np.asarray(out[0, :2]) == 0.0)
-    grads = jax.grad(lambda *a: cope_attention(*a, kv_mask=kv_mask).sum(), argnums=(0, 1, 2, 3))(q, k, v, e)
+
+    def loss(*a):
+        return cope_attention(*a, kv_mask=kv_mask).sum()
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, e)
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g)))
 

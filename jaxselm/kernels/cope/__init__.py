@@ -21,6 +21,12 @@ Implementations (all differentiable wrt q, k, v and pos_emb, all matching the re
 
 The Pallas kernels run in interpret mode when the default backend is CPU (so the same kernels
 are tested on a laptop); pass ``interpret=True/False`` to force it.
+
+Modules: ``common`` (masks, softmax, input checks: shared by every implementation and by
+:mod:`jaxselm.kernels.attention`), ``blocks`` (tiling), ``reference``, ``blockwise`` (``xla``),
+``pallas_common`` (what both Pallas backends share; it imports neither), ``pallas_tpu`` and
+``pallas_gpu``. This module dispatches and self-checks; it imports the blockwise and Pallas
+implementations when they are first used.
 """
 
 from __future__ import annotations
@@ -78,19 +84,26 @@ def self_check(name: str, head_dim: int, dtype, group: int, npos: int, causal: b
         return _CHECKED[key]
     n = SELF_CHECK_LEN
     rng = np.random.default_rng(0)
-    shapes = {"q": (1, n, group, head_dim), "k": (1, n, 1, head_dim), "v": (1, n, 1, head_dim),
-              "pos_emb": (npos, head_dim)}
+    shapes = {
+        "q": (1, n, group, head_dim),
+        "k": (1, n, 1, head_dim),
+        "v": (1, n, 1, head_dim),
+        "pos_emb": (npos, head_dim),
+    }
     tol = 2e-3 if jnp.dtype(dtype) == jnp.float32 else 5e-2
 
     def check() -> tuple[bool, str]:
-        args = {k: jnp.asarray(rng.standard_normal(s) * (0.5 if k == "pos_emb" else 1.0), dtype)
-                for k, s in shapes.items()}
+        args = {
+            k: jnp.asarray(rng.standard_normal(s) * (0.5 if k == "pos_emb" else 1.0), dtype)
+            for k, s in shapes.items()
+        }
         mask = jnp.asarray(np.arange(n) >= 3)[None]  # a few padded keys
         w = jnp.asarray(rng.standard_normal((1, n, group, head_dim)), jnp.float32)
 
         def loss(impl_name, a):
-            out = cope_attention(a["q"], a["k"], a["v"], a["pos_emb"], kv_mask=mask, causal=causal,
-                                 impl=impl_name)
+            out = cope_attention(
+                a["q"], a["k"], a["v"], a["pos_emb"], kv_mask=mask, causal=causal, impl=impl_name
+            )
             return jnp.sum(out.astype(jnp.float32) * w), out
 
         def run(impl_name):
@@ -112,10 +125,20 @@ def self_check(name: str, head_dim: int, dtype, group: int, npos: int, causal: b
         except Exception as err:  # noqa: BLE001 - any compile/run failure means: do not use it
             ok, why = False, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
     if not ok:
-        log.warning("cope_attention impl=auto: %s failed its self-check on %s (head_dim=%d, %s, group=%d, "
-                    "P=%d, causal=%s): %s; using xla. Set model.cope_impl=%s to see the failure, or xla "
-                    "to skip the check.", name, _backend(), head_dim, jnp.dtype(dtype).name, group, npos,
-                    causal, why, name)
+        log.warning(
+            "cope_attention impl=auto: %s failed its self-check on %s (head_dim=%d, %s, group=%d, "
+            "P=%d, causal=%s): %s; using xla. Set model.cope_impl=%s to see the failure, or xla "
+            "to skip the check.",
+            name,
+            _backend(),
+            head_dim,
+            jnp.dtype(dtype).name,
+            group,
+            npos,
+            causal,
+            why,
+            name,
+        )
     _CHECKED[key] = ok
     return ok
 
@@ -124,7 +147,9 @@ def _auto(q: jax.Array, k: jax.Array, pos_emb: jax.Array, causal: bool) -> str:
     name = resolve_impl("auto")
     if name == "xla" or os.environ.get(ENV_SELF_CHECK, "1") == "0":
         return name
-    ok = self_check(name, q.shape[-1], q.dtype, q.shape[2] // k.shape[2], pos_emb.shape[0], bool(causal))
+    ok = self_check(
+        name, q.shape[-1], q.dtype, q.shape[2] // k.shape[2], pos_emb.shape[0], bool(causal)
+    )
     return name if ok else "xla"
 
 

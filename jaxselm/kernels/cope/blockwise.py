@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxselm.kernels.cope.blocks import BlockSizes, default_q_offset, key_validity, pad_axis
-from jaxselm.kernels.cope.common import compute_dtype, split_heads
+from jaxselm.kernels.cope.common import compute_dtype, default_scale, split_heads
 
 # Finite "minus infinity" for masked logits: keeps every intermediate finite (no inf - inf).
 NEG_INF = -1e30
@@ -96,6 +96,27 @@ def _scatter_rows(vals, idx, npos):
     return out.reshape(*lead, npos)
 
 
+def _query_block(q_blk, e, qi, q_offset, bq, bk, nk, causal):
+    """z = q E^T of a query block, its clamped column z[P - 1], the block's query positions and
+    the last key block it sees (the forward and the backward set up a block identically)."""
+    npos = e.shape[0]
+    z = jnp.einsum("bqkgd,pd->bkgqp", q_blk, e)
+    z_last = z[..., npos - 1 : npos]
+    qpos = q_offset + qi * bq + jnp.arange(bq, dtype=jnp.int32)
+    return z, z_last, qpos, _last_key_block(qi, q_offset, bq, bk, nk, causal)
+
+
+def _key_tile(q_blk, k, v, valid, qpos, kb, bk, causal, scale):
+    """Key block ``kb``: its keys and values, the tile's mask and scaled scores [.., bq, bk]
+    (the backward must rebuild exactly the forward's tiles)."""
+    k_blk = lax.dynamic_slice_in_dim(k, kb * bk, bk, 1)
+    v_blk = lax.dynamic_slice_in_dim(v, kb * bk, bk, 1)
+    val = lax.dynamic_slice_in_dim(valid, kb * bk, bk, 1)
+    mask = _tile_mask(qpos, kb * bk + jnp.arange(bk, dtype=jnp.int32), val, causal)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk) * jnp.asarray(scale, q_blk.dtype)
+    return k_blk, v_blk, mask, s
+
+
 def _forward(q, k, v, e, valid, q_offset, causal, scale, bq, bk):
     """q [B, Tp, K, G, D], k/v [B, Sp, K, D*], e [P, D], valid [B, Sp] -> out, lse, ctab."""
     b, tp, nkv, g, _ = q.shape
@@ -108,19 +129,12 @@ def _forward(q, k, v, e, valid, q_offset, causal, scale, bq, bk):
 
     def per_qblock(args):
         qi, q_blk = args
-        z = jnp.einsum("bqkgd,pd->bkgqp", q_blk, e)
-        z_last = z[..., npos - 1 : npos]
-        qpos = q_offset + qi * bq + jnp.arange(bq, dtype=jnp.int32)
-        kb_hi = _last_key_block(qi, q_offset, bq, bk, nk, causal)
+        z, z_last, qpos, kb_hi = _query_block(q_blk, e, qi, q_offset, bq, bk, nk, causal)
 
         def body(it, carry):
-            m, l, acc, c, ctab = carry
+            m, l_sum, acc, c, ctab = carry
             kb = kb_hi - it
-            k_blk = lax.dynamic_slice_in_dim(k, kb * bk, bk, 1)
-            v_blk = lax.dynamic_slice_in_dim(v, kb * bk, bk, 1)
-            val = lax.dynamic_slice_in_dim(valid, kb * bk, bk, 1)
-            mask = _tile_mask(qpos, kb * bk + jnp.arange(bk, dtype=jnp.int32), val, causal)
-            s = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk) * jnp.asarray(scale, dt)
+            _, v_blk, mask, s = _key_tile(q_blk, k, v, valid, qpos, kb, bk, causal, scale)
             ctab = lax.dynamic_update_index_in_dim(ctab, c, kb, axis=ctab.ndim - 1)
 
             def saturated():
@@ -135,9 +149,9 @@ def _forward(q, k, v, e, valid, q_offset, causal, scale, bq, bk):
             m_new = jnp.maximum(m, jnp.max(logits, axis=-1))
             corr = jnp.exp(m - m_new)
             pr = jnp.where(mask, jnp.exp(logits - m_new[..., None]), 0.0)
-            l = l * corr + jnp.sum(pr, axis=-1)
+            l_sum = l_sum * corr + jnp.sum(pr, axis=-1)
             acc = acc * corr[..., None] + jnp.einsum("bkgqs,bskd->bkgqd", pr, v_blk)
-            return m_new, l, acc, c, ctab
+            return m_new, l_sum, acc, c, ctab
 
         init = (
             jnp.full((b, nkv, g, bq), NEG_INF, dt),
@@ -146,10 +160,10 @@ def _forward(q, k, v, e, valid, q_offset, causal, scale, bq, bk):
             jnp.zeros((b, nkv, g, bq), dt),
             jnp.zeros((b, nkv, g, bq, nk), dt),
         )
-        m, l, acc, _, ctab = lax.fori_loop(0, kb_hi + 1, body, init)
-        has_key = l > 0
-        out = jnp.where(has_key[..., None], acc / jnp.where(has_key, l, 1.0)[..., None], 0.0)
-        lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l, 1.0)), jnp.inf)
+        m, l_sum, acc, _, ctab = lax.fori_loop(0, kb_hi + 1, body, init)
+        has_key = l_sum > 0
+        out = jnp.where(has_key[..., None], acc / jnp.where(has_key, l_sum, 1.0)[..., None], 0.0)
+        lse = jnp.where(has_key, m + jnp.log(jnp.where(has_key, l_sum, 1.0)), jnp.inf)
         return jnp.einsum("bkgqd->bqkgd", out), lse, ctab
 
     out, lse, ctab = lax.map(per_qblock, (jnp.arange(nq, dtype=jnp.int32), q_blocks))
@@ -175,18 +189,11 @@ def _backward(res, d_out, causal, scale, bq, bk):
     def per_qblock(carry, xs):
         dk_acc, dv_acc, de_acc = carry
         qi, q_blk, do_blk, lse_blk, delta_blk, ctab_blk = xs
-        z = jnp.einsum("bqkgd,pd->bkgqp", q_blk, e)
-        z_last = z[..., npos - 1 : npos]
-        qpos = q_offset + qi * bq + jnp.arange(bq, dtype=jnp.int32)
-        kb_hi = _last_key_block(qi, q_offset, bq, bk, nk, causal)
+        z, z_last, qpos, kb_hi = _query_block(q_blk, e, qi, q_offset, bq, bk, nk, causal)
 
         def body(kb, c2):
             dq, dz, drc, dk_acc, dv_acc = c2
-            k_blk = lax.dynamic_slice_in_dim(k, kb * bk, bk, 1)
-            v_blk = lax.dynamic_slice_in_dim(v, kb * bk, bk, 1)
-            val = lax.dynamic_slice_in_dim(valid, kb * bk, bk, 1)
-            mask = _tile_mask(qpos, kb * bk + jnp.arange(bk, dtype=jnp.int32), val, causal)
-            s = jnp.einsum("bqkgd,bskd->bkgqs", q_blk, k_blk) * jnp.asarray(scale, dt)
+            k_blk, v_blk, mask, s = _key_tile(q_blk, k, v, valid, qpos, kb, bk, causal, scale)
             dpv = jnp.einsum("bqkgd,bskd->bkgqs", do_blk, v_blk)
             c = lax.dynamic_index_in_dim(ctab_blk, kb, axis=ctab_blk.ndim - 1, keepdims=False)
 
@@ -278,7 +285,7 @@ def cope_attention_blockwise(
     dt = compute_dtype(q.dtype)
     b, t, h, d = q.shape
     s_len, nkv = k.shape[1], k.shape[2]
-    scale = float(d**-0.5 if scale is None else scale)
+    scale = float(default_scale(scale, d))
     blocks = (block_sizes or BlockSizes.default("xla")).fit(t, s_len)
     bq, bk = blocks.block_q, blocks.block_k
     q_off = default_q_offset(q_offset, t, s_len)

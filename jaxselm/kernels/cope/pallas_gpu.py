@@ -5,7 +5,7 @@ every NVIDIA GPU JAX supports (Ampere, Ada, Hopper, Blackwell) and on jax 0.10.2
 it lowers (and interprets on CPU) the operations CoPE needs beyond flash attention -- a scan
 (``cumsum``), gathers through pointer tensors and dynamic column updates -- and it keeps the
 kernel in the same array-level style as the TPU kernel, so both share their tile math
-(``_pallas_common``). Mosaic GPU is Hopper-and-newer only and its programming model (warpgroup
+(``pallas_common``). Mosaic GPU is Hopper-and-newer only and its programming model (warpgroup
 MMAs, explicit TMA pipelines, no in-register gather) would make the CoPE band a separate, much
 larger kernel; it is the path to revisit when the Triton backend is removed.
 
@@ -20,7 +20,8 @@ Layout [B, H, T, D] (head dim padded to a power of two, P padded to a power of t
 * dk/dv, grid (B, kv heads, key blocks): loops over the query heads of the group and the query
   blocks that see the key block; no atomics (each program owns its dk/dv rows).
 
-On CPU the same kernels run with ``interpret=True`` (the default there).
+:data:`BACKEND` is what this module hands ``pallas_common`` (layout, padding, custom VJP). On CPU
+the same kernels run with ``interpret=True`` (the default there).
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxselm.kernels.cope import _pallas_common as pc
-from jaxselm.kernels.cope.blocks import BlockSizes
+from jaxselm.kernels.cope import pallas_common as pc
 
 _F32 = jnp.float32
 
@@ -48,45 +48,38 @@ def _rcumsum(x):
     return jnp.sum(x, axis=1, keepdims=True) - jnp.cumsum(x, axis=1) + x
 
 
-def _gather(z_at, f, ce, unsat, npos):
-    """z[floor p], z[ceil p] per entry (z[P - 1] where not ``unsat``) by pointer gathers.
+def _gather(z_at, npos):
+    """``gather(floor, ceil, unsat)`` for :func:`pc.band_forward`: z[floor p], z[ceil p] per entry
+    (z[P - 1] where not ``unsat``) by pointer gathers.
 
     ``z_at(rows, cols)`` loads z at integer arrays of row and column indices.
     """
-    rows = lax.broadcasted_iota(jnp.int32, f.shape, 0)
-    fi = jnp.where(unsat, f, npos - 1.0).astype(jnp.int32)
-    ci = jnp.where(unsat, ce, npos - 1.0).astype(jnp.int32)
-    return z_at(rows, fi), z_at(rows, ci)
+
+    def gather(f, ce, unsat):
+        rows = lax.broadcasted_iota(jnp.int32, f.shape, 0)
+        fi = jnp.where(unsat, f, npos - 1.0).astype(jnp.int32)
+        ci = jnp.where(unsat, ce, npos - 1.0).astype(jnp.int32)
+        return z_at(rows, fi), z_at(rows, ci)
+
+    return gather
 
 
 def _scatter(dz_ref, dl, f, ce, w, unsat, npos):
     """dz[:, n] += sum_j dl_j hat(p_j - n), one column update per integer position touched."""
-    clamped = jnp.sum(jnp.where(unsat, 0.0, dl), axis=1, keepdims=True)
+    clamped, lo, hi, column = pc.dz_columns(dl, f, ce, w, unsat)
     col_last = pl.ds(npos - 1, 1)
     dz_ref[:, col_last] = dz_ref[:, col_last] + clamped
-    a = jnp.where(unsat, dl * (1.0 - w), 0.0)
-    b = jnp.where(unsat, dl * w, 0.0)
-    lo, hi = pc.position_range(f, ce, unsat)
 
     def body(n, carry):
-        nf = n.astype(_F32)
-        col = jnp.sum(jnp.where(f == nf, a, 0.0), axis=1, keepdims=True) + jnp.sum(
-            jnp.where(ce == nf, b, 0.0), axis=1, keepdims=True
-        )
-        dz_ref[:, pl.ds(n, 1)] = dz_ref[:, pl.ds(n, 1)] + col
+        dz_ref[:, pl.ds(n, 1)] = dz_ref[:, pl.ds(n, 1)] + column(n)
         return carry
 
     lax.fori_loop(lo, hi + 1, body, jnp.int32(0))
 
 
 def _band_bwd(s, mask, c, drc, z_at, lse, dpv, delta, cfg):
-    g, f, ce, w, unsat = pc.band_positions(s, mask, c, cfg.npos, _rcumsum)
-    zf, zc = _gather(z_at, f, ce, unsat, cfg.npos)
-    a = jnp.where(mask, jnp.exp(s + (w * zc + (1.0 - w) * zf) - lse), 0.0)
-    dl = a * (dpv - delta)
-    dr = dl * (zc - zf)  # zero where clamped (floor == ceil there)
-    ds = dl + (drc + _cumsum(dr)) * g * (1.0 - g)
-    return a, dl, ds, (f, ce, w, unsat), drc + jnp.sum(dr, axis=1, keepdims=True)
+    gather = _gather(z_at, cfg.npos)
+    return pc.band_backward(s, mask, c, drc, lse, dpv, delta, cfg.npos, _rcumsum, _cumsum, gather)
 
 
 def _barrier(cfg):
@@ -101,12 +94,35 @@ def _params(d):
     return pltriton.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
 
 
+def _query_major_specs(cfg, sp, d, dv, pp):
+    """BlockSpecs of q_offset, q, k, v, z and valid for a (B, H, query block) grid (whole key
+    sequences: the kernel loops over key blocks), and the index map of per-query-row blocks."""
+    bq, grp = cfg.block_q, cfg.group
+
+    def row(b_, h_, i):
+        return b_, h_, i, 0
+
+    def seq(b_, h_, i):
+        return b_, h_ // grp, 0, 0
+
+    specs = [
+        pl.BlockSpec((1,), lambda b_, h_, i: (0,)),
+        pl.BlockSpec((None, None, bq, d), row),
+        pl.BlockSpec((None, None, sp, d), seq),
+        pl.BlockSpec((None, None, sp, dv), seq),
+        pl.BlockSpec((None, None, bq, pp), row),
+        pl.BlockSpec((None, 1, sp), lambda b_, h_, i: (b_, 0, 0)),
+    ]
+    return specs, row
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 
 
-def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, o_ref, lse_ref, ctab_ref,
-                *, cfg, nk):
+def _fwd_kernel(
+    qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, o_ref, lse_ref, ctab_ref, *, cfg, nk
+):
     i = pl.program_id(2)
     qoff = qoff_ref[0]
     bq, bk = cfg.block_q, cfg.block_k
@@ -117,7 +133,7 @@ def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, o_ref, lse_ref,
     _barrier(cfg)
 
     def body(it, carry):
-        m, l, acc, c = carry
+        m, l_sum, acc, c = carry
         kb = kb_hi - it
         keys = pl.ds(kb * bk, bk)
         s = pc.dot_nt(q, k_ref[keys, :]) * cfg.scale
@@ -128,13 +144,14 @@ def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, o_ref, lse_ref,
             return s + z_last, c
 
         def band():
-            g, f, ce, w, unsat = pc.band_positions(s, mask, c, cfg.npos, _rcumsum)
-            zf, zc = _gather(lambda r, col: z_ref[r, col], f, ce, unsat, cfg.npos)
-            return s + (w * zc + (1.0 - w) * zf), c + jnp.sum(g, axis=1, keepdims=True)
+            gather = _gather(lambda r, col: z_ref[r, col], cfg.npos)
+            return pc.band_forward(s, mask, c, cfg.npos, _rcumsum, gather)
 
         logits, c = lax.cond(jnp.min(c) >= cfg.npos - 1, saturated, band)
-        m, l, acc = pc.online_softmax_step(logits, mask, m, l, acc, v_ref[keys, :], pc.dot_nn)
-        return m, l, acc, c
+        m, l_sum, acc = pc.online_softmax_step(
+            logits, mask, m, l_sum, acc, v_ref[keys, :], pc.dot_nn
+        )
+        return m, l_sum, acc, c
 
     init = (
         jnp.full((bq, 1), pc.NEG_INF, _F32),
@@ -142,8 +159,8 @@ def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, o_ref, lse_ref,
         jnp.zeros((bq, v_ref.shape[-1]), _F32),
         jnp.zeros((bq, 1), _F32),
     )
-    m, l, acc, _ = lax.fori_loop(0, kb_hi + 1, body, init)
-    out, lse = pc.finalize(m, l, acc)
+    m, l_sum, acc, _ = lax.fori_loop(0, kb_hi + 1, body, init)
+    out, lse = pc.finalize(m, l_sum, acc)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse
 
@@ -153,31 +170,19 @@ def forward_call(cfg, q, k, v, z, valid, q_offset):
     sp, dv = k.shape[2], v.shape[-1]
     nq, nk = tp // cfg.block_q, sp // cfg.block_k
     pp = z.shape[-1]
-    bq, grp = cfg.block_q, cfg.group
+    bq = cfg.block_q
     nkp = _next_pow2(nk, 1)  # Triton tensors must have power-of-two sizes
-    row = lambda b_, h_, i: (b_, h_, i, 0)
-    seq = lambda b_, h_, i: (b_, h_ // grp, 0, 0)
+    in_specs, row = _query_major_specs(cfg, sp, d, dv, pp)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, nk=nk),
         grid=(b, h, nq),
-        in_specs=[
-            pl.BlockSpec((1,), lambda b_, h_, i: (0,)),
-            pl.BlockSpec((None, None, bq, d), row),
-            pl.BlockSpec((None, None, sp, d), seq),
-            pl.BlockSpec((None, None, sp, dv), seq),
-            pl.BlockSpec((None, None, bq, pp), row),
-            pl.BlockSpec((None, 1, sp), lambda b_, h_, i: (b_, 0, 0)),
-        ],
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, bq, dv), row),
             pl.BlockSpec((None, None, bq, 1), row),
             pl.BlockSpec((None, None, bq, nkp), row),
         ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, h, tp, dv), _F32),  # float32: for dO.O in the backward
-            jax.ShapeDtypeStruct((b, h, tp, 1), _F32),
-            jax.ShapeDtypeStruct((b, h, tp, nkp), _F32),
-        ],
+        out_shape=pc.forward_out_shape(q, v, nkp),
         compiler_params=_params(d),
         interpret=cfg.interpret,
         name="cope_fwd_gpu",
@@ -188,8 +193,24 @@ def forward_call(cfg, q, k, v, z, valid, q_offset):
 # Backward: dq (and dz, drtab)
 
 
-def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, do_ref, lse_ref, delta_ref,
-               ctab_ref, dq_ref, dz_ref, drtab_ref, *, cfg, nk):
+def _dq_kernel(
+    qoff_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    z_ref,
+    valid_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    ctab_ref,
+    dq_ref,
+    dz_ref,
+    drtab_ref,
+    *,
+    cfg,
+    nk,
+):
     i = pl.program_id(2)
     qoff = qoff_ref[0]
     bk = cfg.block_k
@@ -213,15 +234,15 @@ def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, do_ref, lse_ref,
         drtab_ref[:, pl.ds(kb, 1)] = drc
 
         def saturated():
-            a = jnp.where(mask, jnp.exp(s + z_last - lse), 0.0)
-            dl = a * (dpv - delta)
+            _, dl = pc.tile_probs(s + z_last, mask, lse, dpv, delta)
             col = pl.ds(cfg.npos - 1, 1)
             dz_ref[:, col] = dz_ref[:, col] + jnp.sum(dl, axis=1, keepdims=True)
             return dl, drc
 
         def band():
             _, dl, ds, (f, ce, w, unsat), drc_new = _band_bwd(
-                s, mask, c, drc, lambda r, col: z_ref[r, col], lse, dpv, delta, cfg)
+                s, mask, c, drc, lambda r, col: z_ref[r, col], lse, dpv, delta, cfg
+            )
             _scatter(dz_ref, dl, f, ce, w, unsat, cfg.npos)
             return ds, drc_new
 
@@ -238,20 +259,14 @@ def dq_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab):
     sp, dv = k.shape[2], v.shape[-1]
     nq, nk = tp // cfg.block_q, sp // cfg.block_k
     pp = z.shape[-1]
-    bq, grp = cfg.block_q, cfg.group
+    bq = cfg.block_q
     nkp = ctab.shape[-1]
-    row = lambda b_, h_, i: (b_, h_, i, 0)
-    seq = lambda b_, h_, i: (b_, h_ // grp, 0, 0)
+    in_specs, row = _query_major_specs(cfg, sp, d, dv, pp)
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, nk=nk),
         grid=(b, h, nq),
-        in_specs=[
-            pl.BlockSpec((1,), lambda b_, h_, i: (0,)),
-            pl.BlockSpec((None, None, bq, d), row),
-            pl.BlockSpec((None, None, sp, d), seq),
-            pl.BlockSpec((None, None, sp, dv), seq),
-            pl.BlockSpec((None, None, bq, pp), row),
-            pl.BlockSpec((None, 1, sp), lambda b_, h_, i: (b_, 0, 0)),
+        in_specs=in_specs
+        + [
             pl.BlockSpec((None, None, bq, dv), row),
             pl.BlockSpec((None, None, bq, 1), row),
             pl.BlockSpec((None, None, bq, 1), row),
@@ -262,11 +277,7 @@ def dq_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab):
             pl.BlockSpec((None, None, bq, pp), row),
             pl.BlockSpec((None, None, bq, nkp), row),
         ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, h, tp, d), _F32),
-            jax.ShapeDtypeStruct((b, h, tp, pp), _F32),
-            jax.ShapeDtypeStruct((b, h, tp, nkp), _F32),
-        ],
+        out_shape=pc.dq_out_shape(q, z, nkp),
         compiler_params=_params(d),
         interpret=cfg.interpret,
         name="cope_dq_gpu",
@@ -277,8 +288,25 @@ def dq_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab):
 # Backward: dk, dv
 
 
-def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, do_ref, lse_ref, delta_ref,
-                ctab_ref, drtab_ref, dk_ref, dv_ref, *, cfg, nq, nk):
+def _dkv_kernel(
+    qoff_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    z_ref,
+    valid_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    ctab_ref,
+    drtab_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    cfg,
+    nq,
+    nk,
+):
     kb = pl.program_id(2)
     qoff = qoff_ref[0]
     bq = cfg.block_q
@@ -303,8 +331,7 @@ def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, do_ref, lse_ref
 
         def saturated():
             z_last = z_ref[gi, rows, pl.ds(cfg.npos - 1, 1)]
-            a = jnp.where(mask, jnp.exp(s + z_last - lse), 0.0)
-            return a, a * (dpv - delta)
+            return pc.tile_probs(s + z_last, mask, lse, dpv, delta)
 
         def band():
             def z_at(r, col):
@@ -328,8 +355,13 @@ def dkv_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab, drtab):
     nq, nk = tp // cfg.block_q, sp // cfg.block_k
     pp = z.shape[-1]
     bk, grp = cfg.block_k, cfg.group
-    group = lambda b_, kh, kb: (b_, kh, 0, 0)
-    kv = lambda b_, kh, kb: (b_, kh, kb, 0)
+
+    def group(b_, kh, kb):
+        return b_, kh, 0, 0
+
+    def kv(b_, kh, kb):
+        return b_, kh, kb, 0
+
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, nq=nq, nk=nk),
         grid=(b, nkv, nk),
@@ -347,10 +379,7 @@ def dkv_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab, drtab):
             pl.BlockSpec((None, grp, tp, ctab.shape[-1]), group),
         ],
         out_specs=[pl.BlockSpec((None, None, bk, d), kv), pl.BlockSpec((None, None, bk, dv), kv)],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, nkv, sp, d), _F32),
-            jax.ShapeDtypeStruct((b, nkv, sp, dv), _F32),
-        ],
+        out_shape=pc.dkv_out_shape(k, v),
         compiler_params=_params(d),
         interpret=cfg.interpret,
         name="cope_dkv_gpu",
@@ -361,31 +390,25 @@ def _next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (n - 1).bit_length())
 
 
-def cope_attention_pallas_gpu(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    pos_emb: jax.Array,
-    *,
-    kv_mask: jax.Array | None = None,
-    causal: bool = True,
-    scale: float | None = None,
-    q_offset: jax.Array | int | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """CoPE attention with the Triton-backend GPU kernels; contract of ``cope_attention``."""
-    blocks = block_sizes or BlockSizes.default("pallas_gpu")
-    for size in (blocks.block_q, blocks.block_k):
-        if size < 16 or size & (size - 1):
-            raise ValueError(f"pallas_gpu block sizes must be powers of two >= 16, got {blocks}")
-    return pc.cope_attention_pallas(
-        q, k, v, pos_emb, kv_mask=kv_mask, causal=causal, scale=scale, q_offset=q_offset,
-        backend="gpu",
-        blocks=blocks,
-        interpret=interpret,
-        block_multiple=16,
-        power_of_two=True,
-        pad_head_dim=_next_pow2,
-        pad_npos=lambda p: _next_pow2(p, 2),
-    )
+def _next_pow2_positions(npos: int) -> int:
+    return _next_pow2(npos, 2)
+
+
+#: The GPU kernels for :func:`~jaxselm.kernels.cope.pallas_common.cope_attention_pallas`: blocks
+#: powers of two >= 16 (Triton dot operands), head dims and P padded to powers of two.
+BACKEND = pc.PallasBackend(
+    impl="pallas_gpu",
+    forward_call=forward_call,
+    dq_call=dq_call,
+    dkv_call=dkv_call,
+    block_multiple=16,
+    power_of_two=True,
+    pad_head_dim=_next_pow2,
+    pad_npos=_next_pow2_positions,
+)
+
+
+def cope_attention_pallas_gpu(q: jax.Array, k: jax.Array, v: jax.Array, pos_emb: jax.Array, **kw):
+    """CoPE attention with the Triton-backend GPU kernels; contract of ``cope_attention``
+    (keyword arguments of :func:`~jaxselm.kernels.cope.pallas_common.cope_attention_pallas`)."""
+    return pc.cope_attention_pallas(q, k, v, pos_emb, backend=BACKEND, **kw)

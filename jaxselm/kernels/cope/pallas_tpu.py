@@ -21,7 +21,9 @@ TPU-specific choices:
   broadcast add;
 * block sizes default to 128 x 128 (lane-aligned), P is padded to a multiple of 128.
 
-The same kernels run on CPU with ``interpret=True`` (the default when the backend is CPU).
+The tile math shared with the GPU kernels, the layout and the custom VJP are in
+``pallas_common``; :data:`BACKEND` is what this module hands it. The same kernels run on CPU with
+``interpret=True`` (the default when the backend is CPU).
 """
 
 from __future__ import annotations
@@ -34,8 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxselm.kernels.cope import _pallas_common as pc
-from jaxselm.kernels.cope.blocks import BlockSizes
+from jaxselm.kernels.cope import pallas_common as pc
 
 _F32 = jnp.float32
 
@@ -43,16 +44,14 @@ _F32 = jnp.float32
 def _rcumsum(x):
     """Reverse inclusive cumsum along keys as x @ U, U[k, j] = (k >= j)."""
     n = x.shape[1]
-    u = (lax.broadcasted_iota(jnp.int32, (n, n), 0) >= lax.broadcasted_iota(jnp.int32, (n, n), 1))
+    u = lax.broadcasted_iota(jnp.int32, (n, n), 0) >= lax.broadcasted_iota(jnp.int32, (n, n), 1)
     return jnp.dot(x, u.astype(_F32), precision=lax.Precision.HIGHEST, preferred_element_type=_F32)
 
 
 def _cumsum(x):
     """Inclusive prefix sum along keys as x @ L, L[k, j] = (k <= j)."""
     n = x.shape[1]
-    lower = (
-        lax.broadcasted_iota(jnp.int32, (n, n), 0) <= lax.broadcasted_iota(jnp.int32, (n, n), 1)
-    )
+    lower = lax.broadcasted_iota(jnp.int32, (n, n), 0) <= lax.broadcasted_iota(jnp.int32, (n, n), 1)
     return jnp.dot(
         x, lower.astype(_F32), precision=lax.Precision.HIGHEST, preferred_element_type=_F32
     )
@@ -69,62 +68,96 @@ def _set_column(x, idx, col):
     return jnp.where(iota == idx, col, x)
 
 
-def _gather(z, z_last, f, ce, unsat):
-    """z[floor p], z[ceil p] per entry; z[P - 1] where not ``unsat``."""
-    lo, hi = pc.position_range(f, ce, unsat)
-    init = jnp.broadcast_to(z_last, f.shape)
+def _gather(z, z_last):
+    """``gather(floor, ceil, unsat)`` for :func:`pc.band_forward`: z[floor p], z[ceil p] per
+    entry (z[P - 1] where not ``unsat``), by a loop over the integer positions the tile spans."""
 
-    def body(n, carry):
-        zf, zc = carry
-        col = _column(z, n)
-        nf = n.astype(_F32)
-        zf = jnp.where(unsat & (f == nf), col, zf)
-        zc = jnp.where(unsat & (ce == nf), col, zc)
-        return zf, zc
+    def gather(f, ce, unsat):
+        lo, hi = pc.position_range(f, ce, unsat)
+        init = jnp.broadcast_to(z_last, f.shape)
 
-    return lax.fori_loop(lo, hi + 1, body, (init, init))
+        def body(n, carry):
+            zf, zc = carry
+            col = _column(z, n)
+            nf = n.astype(_F32)
+            zf = jnp.where(unsat & (f == nf), col, zf)
+            zc = jnp.where(unsat & (ce == nf), col, zc)
+            return zf, zc
+
+        return lax.fori_loop(lo, hi + 1, body, (init, init))
+
+    return gather
 
 
 def _scatter(dl, f, ce, w, unsat, npos, pp):
     """dz[n] = sum_j dl_j hat(p_j - n) for one tile, as a [bq, pp] array."""
+    clamped, lo, hi, column = pc.dz_columns(dl, f, ce, w, unsat)
     iota = lax.broadcasted_iota(jnp.int32, (dl.shape[0], pp), 1)
-    clamped = jnp.sum(jnp.where(unsat, 0.0, dl), axis=1, keepdims=True)
     dz = jnp.where(iota == npos - 1, clamped, 0.0)
-    a = jnp.where(unsat, dl * (1.0 - w), 0.0)
-    b = jnp.where(unsat, dl * w, 0.0)
-    lo, hi = pc.position_range(f, ce, unsat)
 
     def body(n, dz):
-        nf = n.astype(_F32)
-        col = jnp.sum(jnp.where(f == nf, a, 0.0), axis=1, keepdims=True) + jnp.sum(
-            jnp.where(ce == nf, b, 0.0), axis=1, keepdims=True
-        )
-        return dz + jnp.where(iota == n, col, 0.0)
+        return dz + jnp.where(iota == n, column(n), 0.0)
 
     return lax.fori_loop(lo, hi + 1, body, dz)
 
 
 def _band_bwd(s, mask, c, drc, z, z_last, lse, dpv, delta, cfg):
-    """Backward of one unsaturated tile: probabilities, ds, and the pieces dz needs."""
-    g, f, ce, w, unsat = pc.band_positions(s, mask, c, cfg.npos, _rcumsum)
-    zf, zc = _gather(z, z_last, f, ce, unsat)
-    a = jnp.where(mask, jnp.exp(s + (w * zc + (1.0 - w) * zf) - lse), 0.0)
-    dl = a * (dpv - delta)
-    dr = dl * (zc - zf)  # zero where clamped (floor == ceil there)
-    ds = dl + (drc + _cumsum(dr)) * g * (1.0 - g)
-    return a, dl, ds, (f, ce, w, unsat), drc + jnp.sum(dr, axis=1, keepdims=True)
+    gather = _gather(z, z_last)
+    return pc.band_backward(s, mask, c, drc, lse, dpv, delta, cfg.npos, _rcumsum, _cumsum, gather)
 
 
 def _compiler_params(n_parallel):
     return pltpu.CompilerParams(dimension_semantics=("parallel",) * n_parallel + ("arbitrary",))
 
 
+def _query_major_specs(cfg, d, dv, pp, key_block):
+    """BlockSpecs of q, k, v, z and valid for a (B, H, query block, key step) grid, and the
+    index map of per-query-row blocks. ``key_block(i, j, q_offset)`` is the key block that step
+    ``j`` of query block ``i`` loads (steps a causal block never needs repeat a block index, so
+    no DMA is issued for them)."""
+    bq, bk, grp = cfg.block_q, cfg.block_k, cfg.group
+
+    def kv_block(b_, h_, i, j, qoff):
+        return b_, h_ // grp, key_block(i, j, qoff[0]), 0
+
+    def valid_block(b_, h_, i, j, qoff):
+        return b_, 0, key_block(i, j, qoff[0])
+
+    def row_block(b_, h_, i, j, qoff):
+        return b_, h_, i, 0
+
+    specs = [
+        pl.BlockSpec((None, None, bq, d), row_block),
+        pl.BlockSpec((None, None, bk, d), kv_block),
+        pl.BlockSpec((None, None, bk, dv), kv_block),
+        pl.BlockSpec((None, None, bq, pp), row_block),
+        pl.BlockSpec((None, 1, bk), valid_block),
+    ]
+    return specs, row_block
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 
 
-def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, o_ref, lse_ref, ctab_ref,
-                m_sc, l_sc, acc_sc, c_sc, *, cfg, nk):
+def _fwd_kernel(
+    qoff_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    z_ref,
+    valid_ref,
+    o_ref,
+    lse_ref,
+    ctab_ref,
+    m_sc,
+    l_sc,
+    acc_sc,
+    c_sc,
+    *,
+    cfg,
+    nk,
+):
     i, j = pl.program_id(2), pl.program_id(3)
     qoff = qoff_ref[0]
     kb = pc.last_key_block(i, qoff, cfg, nk) - j
@@ -150,15 +183,13 @@ def _fwd_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, o_ref, lse_ref,
             return s + z_last, c
 
         def band():
-            g, f, ce, w, unsat = pc.band_positions(s, mask, c, cfg.npos, _rcumsum)
-            zf, zc = _gather(z, z_last, f, ce, unsat)
-            return s + (w * zc + (1.0 - w) * zf), c + jnp.sum(g, axis=1, keepdims=True)
+            return pc.band_forward(s, mask, c, cfg.npos, _rcumsum, _gather(z, z_last))
 
         logits, c_sc[...] = lax.cond(jnp.min(c) >= cfg.npos - 1, saturated, band)
-        m, l, acc = pc.online_softmax_step(
+        m, l_sum, acc = pc.online_softmax_step(
             logits, mask, m_sc[...], l_sc[...], acc_sc[...], v_ref[...], pc.dot_nn
         )
-        m_sc[...], l_sc[...], acc_sc[...] = m, l, acc
+        m_sc[...], l_sc[...], acc_sc[...] = m, l_sum, acc
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -172,28 +203,16 @@ def forward_call(cfg, q, k, v, z, valid, q_offset):
     dv = v.shape[-1]
     nq, nk = tp // cfg.block_q, k.shape[2] // cfg.block_k
     pp = z.shape[-1]
-    bq, bk, grp = cfg.block_q, cfg.block_k, cfg.group
+    bq = cfg.block_q
 
-    def kv_block(b_, h_, i, j, qoff):
-        kb = jnp.maximum(pc.last_key_block(i, qoff[0], cfg, nk) - j, 0)
-        return b_, h_ // grp, kb, 0
+    def key_block(i, j, qoff):  # right to left from the last key block the query block sees
+        return jnp.maximum(pc.last_key_block(i, qoff, cfg, nk) - j, 0)
 
-    def valid_block(b_, h_, i, j, qoff):
-        return b_, 0, kv_block(b_, h_, i, j, qoff)[2]
-
-    def row_block(b_, h_, i, j, qoff):
-        return b_, h_, i, 0
-
+    in_specs, row_block = _query_major_specs(cfg, d, dv, pp, key_block)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, h, nq, nk),
-        in_specs=[
-            pl.BlockSpec((None, None, bq, d), row_block),
-            pl.BlockSpec((None, None, bk, d), kv_block),
-            pl.BlockSpec((None, None, bk, dv), kv_block),
-            pl.BlockSpec((None, None, bq, pp), row_block),
-            pl.BlockSpec((None, 1, bk), valid_block),
-        ],
+        in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, bq, dv), row_block),
             pl.BlockSpec((None, None, bq, 1), row_block),
@@ -209,11 +228,7 @@ def forward_call(cfg, q, k, v, z, valid, q_offset):
     return pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, nk=nk),
         grid_spec=grid_spec,
-        out_shape=[
-            jax.ShapeDtypeStruct((b, h, tp, dv), _F32),  # float32: for dO.O in the backward
-            jax.ShapeDtypeStruct((b, h, tp, 1), _F32),
-            jax.ShapeDtypeStruct((b, h, tp, nk), _F32),
-        ],
+        out_shape=pc.forward_out_shape(q, v, nk),
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
         name="cope_fwd_tpu",
@@ -224,8 +239,26 @@ def forward_call(cfg, q, k, v, z, valid, q_offset):
 # Backward: dq (and dz, drtab)
 
 
-def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, do_ref, lse_ref, delta_ref,
-               ctab_ref, dq_ref, dz_ref, drtab_ref, dq_sc, drc_sc, *, cfg, nk):
+def _dq_kernel(
+    qoff_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    z_ref,
+    valid_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    ctab_ref,
+    dq_ref,
+    dz_ref,
+    drtab_ref,
+    dq_sc,
+    drc_sc,
+    *,
+    cfg,
+    nk,
+):
     i, kb = pl.program_id(2), pl.program_id(3)
     qoff = qoff_ref[0]
     kb_hi = pc.last_key_block(i, qoff, cfg, nk)
@@ -252,14 +285,14 @@ def _dq_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, do_ref, lse_ref,
         dz = dz_ref[...]
 
         def saturated():
-            a = jnp.where(mask, jnp.exp(s + z_last - lse), 0.0)
-            dl = a * (dpv - delta)
-            return dl, _set_column(dz, cfg.npos - 1, _column(dz, cfg.npos - 1) + jnp.sum(
-                dl, axis=1, keepdims=True)), drc
+            _, dl = pc.tile_probs(s + z_last, mask, lse, dpv, delta)
+            last = _column(dz, cfg.npos - 1) + jnp.sum(dl, axis=1, keepdims=True)
+            return dl, _set_column(dz, cfg.npos - 1, last), drc
 
         def band():
             _, dl, ds, (f, ce, w, unsat), drc_new = _band_bwd(
-                s, mask, c, drc, z, z_last, lse, dpv, delta, cfg)
+                s, mask, c, drc, z, z_last, lse, dpv, delta, cfg
+            )
             return ds, dz + _scatter(dl, f, ce, w, unsat, cfg.npos, z.shape[1]), drc_new
 
         ds, dz_ref[...], drc_sc[...] = lax.cond(jnp.min(c) >= cfg.npos - 1, saturated, band)
@@ -275,27 +308,17 @@ def dq_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab):
     dv = v.shape[-1]
     nq, nk = tp // cfg.block_q, k.shape[2] // cfg.block_k
     pp = z.shape[-1]
-    bq, bk, grp = cfg.block_q, cfg.block_k, cfg.group
+    bq = cfg.block_q
 
-    def kv_block(b_, h_, i, j, qoff):
-        kb = jnp.clip(j, 0, jnp.maximum(pc.last_key_block(i, qoff[0], cfg, nk), 0))
-        return b_, h_ // grp, kb, 0
+    def key_block(i, j, qoff):  # left to right, up to the last key block the query block sees
+        return jnp.clip(j, 0, jnp.maximum(pc.last_key_block(i, qoff, cfg, nk), 0))
 
-    def valid_block(b_, h_, i, j, qoff):
-        return b_, 0, kv_block(b_, h_, i, j, qoff)[2]
-
-    def row_block(b_, h_, i, j, qoff):
-        return b_, h_, i, 0
-
+    in_specs, row_block = _query_major_specs(cfg, d, dv, pp, key_block)
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, h, nq, nk),
-        in_specs=[
-            pl.BlockSpec((None, None, bq, d), row_block),
-            pl.BlockSpec((None, None, bk, d), kv_block),
-            pl.BlockSpec((None, None, bk, dv), kv_block),
-            pl.BlockSpec((None, None, bq, pp), row_block),
-            pl.BlockSpec((None, 1, bk), valid_block),
+        in_specs=in_specs
+        + [
             pl.BlockSpec((None, None, bq, dv), row_block),
             pl.BlockSpec((None, None, bq, 1), row_block),
             pl.BlockSpec((None, None, bq, 1), row_block),
@@ -311,11 +334,7 @@ def dq_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab):
     return pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, nk=nk),
         grid_spec=grid_spec,
-        out_shape=[
-            jax.ShapeDtypeStruct((b, h, tp, d), _F32),
-            jax.ShapeDtypeStruct((b, h, tp, pp), _F32),
-            jax.ShapeDtypeStruct((b, h, tp, nk), _F32),
-        ],
+        out_shape=pc.dq_out_shape(q, z, nk),
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
         name="cope_dq_tpu",
@@ -326,8 +345,27 @@ def dq_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab):
 # Backward: dk, dv
 
 
-def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, do_ref, lse_ref, delta_ref,
-                ctab_ref, drtab_ref, dk_ref, dv_ref, dk_sc, dv_sc, *, cfg, nq, nk):
+def _dkv_kernel(
+    qoff_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    z_ref,
+    valid_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    ctab_ref,
+    drtab_ref,
+    dk_ref,
+    dv_ref,
+    dk_sc,
+    dv_sc,
+    *,
+    cfg,
+    nq,
+    nk,
+):
     kb, step = pl.program_id(2), pl.program_id(3)
     qi = lax.rem(step, nq)
     qoff = qoff_ref[0]
@@ -351,8 +389,7 @@ def _dkv_kernel(qoff_ref, q_ref, k_ref, v_ref, z_ref, valid_ref, do_ref, lse_ref
         drc = _column(drtab_ref[...], kb)
 
         def saturated():
-            a = jnp.where(mask, jnp.exp(s + z_last - lse), 0.0)
-            return a, a * (dpv - delta)
+            return pc.tile_probs(s + z_last, mask, lse, dpv, delta)
 
         def band():
             a, _, ds, _, _ = _band_bwd(s, mask, c, drc, z, z_last, lse, dpv, delta, cfg)
@@ -408,37 +445,36 @@ def dkv_call(cfg, q, k, v, z, valid, q_offset, d_out, lse, delta, ctab, drtab):
     return pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, nq=nq, nk=nk),
         grid_spec=grid_spec,
-        out_shape=[
-            jax.ShapeDtypeStruct((b, nkv, sp, d), _F32),
-            jax.ShapeDtypeStruct((b, nkv, sp, dv), _F32),
-        ],
+        out_shape=pc.dkv_out_shape(k, v),
         compiler_params=_compiler_params(3),
         interpret=cfg.interpret,
         name="cope_dkv_tpu",
     )(q_offset.reshape(1), q, k, v, z, valid, d_out, lse, delta, ctab, drtab)
 
 
-def cope_attention_pallas_tpu(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    pos_emb: jax.Array,
-    *,
-    kv_mask: jax.Array | None = None,
-    causal: bool = True,
-    scale: float | None = None,
-    q_offset: jax.Array | int | None = None,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """CoPE attention with the Mosaic TPU kernels; contract of ``cope_attention``."""
-    return pc.cope_attention_pallas(
-        q, k, v, pos_emb, kv_mask=kv_mask, causal=causal, scale=scale, q_offset=q_offset,
-        backend="tpu",
-        blocks=block_sizes or BlockSizes.default("pallas_tpu"),
-        interpret=interpret,
-        block_multiple=8,
-        power_of_two=False,
-        pad_head_dim=lambda d: d,
-        pad_npos=lambda p: -(-p // 128) * 128,
-    )
+def _pad_lanes(npos: int) -> int:
+    return -(-npos // 128) * 128
+
+
+def _same(head_dim: int) -> int:
+    return head_dim
+
+
+#: The TPU kernels for :func:`~jaxselm.kernels.cope.pallas_common.cope_attention_pallas`: blocks
+#: in multiples of 8 sublanes, head dims as they are, P padded to a multiple of 128 lanes.
+BACKEND = pc.PallasBackend(
+    impl="pallas_tpu",
+    forward_call=forward_call,
+    dq_call=dq_call,
+    dkv_call=dkv_call,
+    block_multiple=8,
+    power_of_two=False,
+    pad_head_dim=_same,
+    pad_npos=_pad_lanes,
+)
+
+
+def cope_attention_pallas_tpu(q: jax.Array, k: jax.Array, v: jax.Array, pos_emb: jax.Array, **kw):
+    """CoPE attention with the Mosaic TPU kernels; contract of ``cope_attention`` (keyword
+    arguments of :func:`~jaxselm.kernels.cope.pallas_common.cope_attention_pallas`)."""
+    return pc.cope_attention_pallas(q, k, v, pos_emb, backend=BACKEND, **kw)

@@ -22,7 +22,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxselm.kernels.cope.common import attention_mask, compute_dtype, split_heads
+from jaxselm.kernels.cope.common import (
+    attention_mask,
+    compute_dtype,
+    default_scale,
+    masked_softmax,
+    split_heads,
+)
 
 
 def cope_logits(
@@ -71,16 +77,10 @@ def cope_attention_reference(
     dt = compute_dtype(q.dtype)
     b, t, h, d = q.shape
     s_len = k.shape[1]
-    scale = d**-0.5 if scale is None else scale
     qg = split_heads(q, k.shape[2]).astype(dt)
     mask = attention_mask(b, t, s_len, kv_mask=kv_mask, causal=causal, q_offset=q_offset)
-    logits, _, _ = cope_logits(qg, k.astype(dt), pos_emb.astype(dt), mask, scale)
-    row_valid = jnp.any(mask, axis=-1, keepdims=True)
-    m = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=-1, keepdims=True)
-    m = jnp.where(row_valid, m, 0.0)
-    e = jnp.where(mask, jnp.exp(logits - jax.lax.stop_gradient(m)), 0.0)
-    denom = jnp.sum(e, axis=-1, keepdims=True)
-    probs = e / jnp.where(row_valid, denom, 1.0)
+    logits, _, _ = cope_logits(qg, k.astype(dt), pos_emb.astype(dt), mask, default_scale(scale, d))
+    probs = masked_softmax(logits, mask)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt))
     return out.reshape(b, t, h, v.shape[-1]).astype(out_dtype)
 
@@ -98,9 +98,8 @@ def cope_positions(
     """Gates and clamped positions [B, H, T, S] for inspection (plots, notebooks)."""
     dt = compute_dtype(q.dtype)
     b, t, h, d = q.shape
-    scale = d**-0.5 if scale is None else scale
     qg = split_heads(q, k.shape[2]).astype(dt)
     mask = attention_mask(b, t, k.shape[1], kv_mask=kv_mask, causal=causal, q_offset=q_offset)
-    _, gates, pos = cope_logits(qg, k.astype(dt), pos_emb.astype(dt), mask, scale)
+    _, gates, pos = cope_logits(qg, k.astype(dt), pos_emb.astype(dt), mask, default_scale(scale, d))
     pos = jnp.where(mask, pos, 0.0)
     return gates.reshape(b, h, t, -1), pos.reshape(b, h, t, -1)
