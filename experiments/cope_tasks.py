@@ -6,7 +6,7 @@
     python experiments/cope_tasks.py --merge OTHER/cope_tasks.json  # add a parallel sweep's runs
 
 For every (task, position, seed) it trains the ``cope-small`` preset with supervised learning
-(``jaxselm sft`` through the library: ``OnlineRun(cfg).run_sft_only()``) on the task's
+(``jaxselm sft`` through the library: ``jaxselm.online.run_sft(cfg)``) on the task's
 in-distribution (ID) settings from ``configs/cope-<task>.yaml``, evaluates greedy answers on
 held-out test prompts (the run's own ``eval/accuracy``), then evaluates the same trained
 parameters on out-of-distribution (OOD) prompts: a second run with ``init.checkpoint`` = the
@@ -113,7 +113,7 @@ def train_and_eval(task: str, position: str, seed: int, steps: int, num_eval: in
     from jaxselm.config_io import load_config
     from jaxselm.data.tasks import make_task
     from jaxselm.online.config import RunConfig
-    from jaxselm.online.loop import OnlineRun
+    from jaxselm.online import run_sft
 
     spec = TASKS[task]
     if make_task(task, **spec["id"]).vocab() != make_task(task, **spec["ood"]).vocab():
@@ -128,14 +128,14 @@ def train_and_eval(task: str, position: str, seed: int, steps: int, num_eval: in
     t0 = time.time()
     cfg = load_config(RunConfig, cfg_path,
                       _overrides(task, spec["id"], id_dir, seed, position, steps, num_eval, []))
-    OnlineRun(cfg).run_sft_only()
+    run_sft(cfg)
     t1 = time.time()
     # OOD: the trained policy, no training, OOD prompts (longer answers for copy are not needed:
     # the number of data tokens stays the same, so max_new_tokens stays valid).
     cfg_ood = load_config(RunConfig, cfg_path, _overrides(
         task, spec["ood"], ood_dir, seed, position, 0, num_eval,
         [f"init.checkpoint={id_dir / 'policy' / 'iter_00'}"]))
-    OnlineRun(cfg_ood).run_sft_only()
+    run_sft(cfg_ood)
     t2 = time.time()
     id_acc, ood_acc = _eval_accuracy(id_dir), _eval_accuracy(ood_dir)
     return {

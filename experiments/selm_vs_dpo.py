@@ -5,7 +5,7 @@
     python experiments/selm_vs_dpo.py --table-only           # rebuild table + plots from the JSON
 
 Every run is ``jaxselm online --config configs/demo.yaml`` through the library
-(``OnlineRun(cfg).run()``) with ``train.alpha`` and ``run.seed`` overridden, so every setting
+(``jaxselm.online.run_online(cfg)``) with ``train.alpha`` and ``run.seed`` overridden, so every setting
 gets exactly the same budget (SFT warm start, prompts per iteration, samples, epochs, learning
 rates); only the optimism weight alpha differs. SELM's loss adds
 ``alpha * beta * (log pi(y_ref) - log pi_ref(y_ref))`` to the DPO loss (beta = 0.1 in the demo).
@@ -71,7 +71,7 @@ def _iteration_records(run_dir: Path) -> list[dict[str, Any]]:
 def run_one(alpha: float, seed: int, iterations: int, work_dir: Path, extra: list[str]) -> dict[str, Any]:
     from jaxselm.config_io import load_config
     from jaxselm.online.config import RunConfig
-    from jaxselm.online.loop import OnlineRun
+    from jaxselm.online import run_online
 
     out_dir = work_dir / f"alpha{alpha:g}-s{seed}-it{iterations}"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -81,7 +81,7 @@ def run_one(alpha: float, seed: int, iterations: int, work_dir: Path, extra: lis
         "run.tensorboard=false", f"train.alpha={alpha!r}", f"online.iterations={iterations}",
         f"online.learning_rates={lrs}", *extra])
     t0 = time.time()
-    OnlineRun(cfg).run()
+    run_online(cfg)
     return {"alpha": alpha, "seed": seed, "iterations": iterations, "extra_overrides": extra,
             "beta": cfg.train.beta, "wall_s": round(time.time() - t0, 1),
             "per_iteration": _iteration_records(out_dir), "run_dir": str(out_dir)}

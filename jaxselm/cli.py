@@ -6,7 +6,7 @@
     jaxselm train-rm --config FILE.yaml data.prompts_path=prefs.jsonl   Bradley-Terry reward model
     jaxselm generate --config FILE.yaml --checkpoint DIR --prompts FILE --output out.jsonl
     jaxselm eval     --config FILE.yaml --checkpoint A --baseline B [--alpaca-eval out.json]
-    jaxselm convert  --from hf --input HF_DIR --output PARAMS_DIR   (or --from jaxselm ... --config)
+    jaxselm convert  --from hf --input HF_DIR --output PARAMS_DIR   (or --from jaxselm ... HF_DIR)
     jaxselm --distributed online --config FILE.yaml   on every host of a TPU pod / SLURM job
 
 Every subcommand takes ``--config FILE.yaml`` plus ``key=value`` overrides (e.g.
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--config", "-c", metavar="FILE.yaml",
-                   help="(jaxselm -> hf) the run config whose model section describes the params")
+                   help="a run config whose model section the checkpoint must match (needed only "
+                        "for a params export saved without its model config)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--head", choices=("lm", "reward"), default="lm")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -107,17 +108,15 @@ def _load_run_config(args):
 
 
 def _cmd_online(args) -> int:
-    from jaxselm.online.loop import OnlineRun
+    from jaxselm.online.loop import run_online
 
-    cfg = _load_run_config(args)
-    return OnlineRun(cfg).run()
+    return run_online(_load_run_config(args))
 
 
 def _cmd_sft(args) -> int:
-    from jaxselm.online.loop import OnlineRun
+    from jaxselm.online.loop import run_sft
 
-    cfg = _load_run_config(args)
-    return OnlineRun(cfg).run_sft_only()
+    return run_sft(_load_run_config(args))
 
 
 def _cmd_generate(args) -> int:
@@ -134,9 +133,9 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from jaxselm.online.commands import offline_train_command
+    from jaxselm.online.loop import run_offline
 
-    return offline_train_command(_load_run_config(args))
+    return run_offline(_load_run_config(args))
 
 
 def _cmd_train_rm(args) -> int:
@@ -148,7 +147,7 @@ def _cmd_train_rm(args) -> int:
 def _cmd_convert(args) -> int:
     from jaxselm.online.commands import convert_command
 
-    cfg = _load_run_config(args) if args.src == "jaxselm" else None
+    cfg = _load_run_config(args) if args.config is not None else None
     return convert_command(args.src, args.input, args.output, cfg, dtype=args.dtype, head=args.head)
 
 

@@ -8,12 +8,14 @@ Modules:
   iteration  seeded shuffling, disjoint per-iteration slices, resumable ``ReaderState``.
   tasks      selective copy, counting, Flip-Flop (CoPE paper) and the sorting demo task, with
              verifiers; ``jaxselm.data.tasks:score`` is a programmatic judge.
-  tokenizer  one ``Tokenizer`` interface over tokenizer.json, SentencePiece and built-ins.
+  tokenizer_base  the ``Tokenizer`` interface and the built-in byte / word tokenizers.
+  tokenizer  tokenizer.json and SentencePiece tokenizers; ``load_tokenizer`` picks one.
   chat_template  Jinja chat templates rendered as Hugging Face does.
-  batching   left/right padding to bucketed [B, T] int32 batches with masks.
+  packing    the typed batches (PromptBatch, Sequences / SFTBatch, PreferenceBatch, LogProbs)
+             and the one packer: padding, masks, filler rows, length buckets.
 
 The builders import tensorflow_datasets; they load on first use of their names here, so code
-that only needs tokenizers or batching does not pay for it.
+that only needs tokenizers or packing does not pay for it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,19 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from jaxselm.data.batching import PaddedBatch, bucket_length, pad_batch
+from jaxselm.data.packing import (
+    LogProbs,
+    PaddedBatch,
+    PreferenceBatch,
+    PromptBatch,
+    Sequences,
+    SFTBatch,
+    bucket_length,
+    pack_preferences,
+    pack_prompts,
+    pack_sequences,
+    pad_batch,
+)
 from jaxselm.data.iteration import (
     ReaderState,
     iteration_indices,
@@ -30,14 +44,8 @@ from jaxselm.data.iteration import (
     shuffled_order,
 )
 from jaxselm.data.tasks import Task, make_demonstrations, make_task, score, task_tokenizer
-from jaxselm.data.tokenizer import (
-    ByteTokenizer,
-    HFTokenizer,
-    SentencePieceTokenizer,
-    Tokenizer,
-    WordTokenizer,
-    load_tokenizer,
-)
+from jaxselm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from jaxselm.data.tokenizer_base import ByteTokenizer, Tokenizer, WordTokenizer
 
 _LAZY = {
     name: "jaxselm.data.builders"
@@ -55,9 +63,14 @@ _LAZY = {
 __all__ = [
     "ByteTokenizer",
     "HFTokenizer",
+    "LogProbs",
     "PaddedBatch",
+    "PreferenceBatch",
+    "PromptBatch",
     "ReaderState",
+    "SFTBatch",
     "SentencePieceTokenizer",
+    "Sequences",
     "Task",
     "Tokenizer",
     "WordTokenizer",
@@ -67,6 +80,9 @@ __all__ = [
     "load_tokenizer",
     "make_demonstrations",
     "make_task",
+    "pack_preferences",
+    "pack_prompts",
+    "pack_sequences",
     "pad_batch",
     "read_batch",
     "score",

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
+from jaxselm.data.packing import pad_batch
 from jaxselm.errors import JudgeError
 from jaxselm.feedback.base import Judge, Response
 from jaxselm.feedback.config import RewardModelJudgeConfig
@@ -42,11 +43,6 @@ from jaxselm.model import ModelConfig, reward_scores
 
 class TokenizerLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
-
-
-def _bucket(length: int, min_bucket: int, max_length: int) -> int:
-    b = max(min_bucket, 1 << max(0, length - 1).bit_length())
-    return min(b, max_length)
 
 
 class RewardModelJudge(Judge):
@@ -143,13 +139,13 @@ class RewardModelJudge(Judge):
         order = sorted(valid, key=lambda i: len(seqs[i]))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            t = _bucket(max(len(seqs[i]) for i in idx), self.min_bucket, self.max_length)
-            tokens = np.full((self.batch_size, t), self.pad_id, np.int32)
-            mask = np.zeros((self.batch_size, t), bool)
-            mask[len(idx) :, 0] = True  # filler rows: one real token, result discarded
-            for row, i in enumerate(idx):
-                tokens[row, : len(seqs[i])] = seqs[i]
-                mask[row, : len(seqs[i])] = True
+            # Right-padded to a power-of-two bucket; filler rows (one real token) complete the
+            # batch and their scores are discarded.
+            padded = pad_batch([seqs[i] for i in idx], self.pad_id, side="right",
+                               min_length=self.min_bucket, max_length=self.max_length,
+                               batch_size=self.batch_size, filler=True)
+            tokens, mask = padded.ids, padded.mask
+            t = tokens.shape[1]
             if (self.batch_size, t) not in self._shapes:
                 self._shapes.add((self.batch_size, t))
                 self._count("compiled_shapes")

@@ -1,6 +1,7 @@
 """Llama-family decoder (RoPE / CoPE / both / none / learned absolute) as pure functions over params."""
 
 from jaxselm.model.api import (
+    abstract_params,
     apply_with_cache,
     cache_logical_axes,
     forward,
@@ -14,6 +15,7 @@ from jaxselm.model.config import PRESETS, ModelConfig, RopeScaling, get_preset
 from jaxselm.model.transformer import KVCache, Transformer
 
 __all__ = [
+    "abstract_params",
     "PRESETS",
     "KVCache",
     "ModelConfig",

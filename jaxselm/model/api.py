@@ -16,6 +16,7 @@ Decoding with a KV cache:
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -50,9 +51,22 @@ def param_logical_axes(config: ModelConfig, *, head: str = "lm") -> Params:
     return nn.get_partition_spec(boxed)
 
 
-def param_shapes(config: ModelConfig, *, head: str = "lm") -> Params:
-    """Pytree of ShapeDtypeStructs of the parameters, without allocating them."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0), head=head))
+def abstract_params(config: ModelConfig, *, head: str = "lm", shardings: Any = None) -> Params:
+    """Pytree of ShapeDtypeStructs of the parameters, without allocating them.
+
+    With ``shardings`` (a pytree of Shardings like the params, e.g. from
+    :func:`jaxselm.parallel.param_shardings`) each struct carries its sharding: the target of a
+    checkpoint restore.
+    """
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0), head=head))
+    if shardings is None:
+        return shapes
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
+param_shapes = abstract_params  # the earlier name
 
 
 def _check_tokens(tokens, attention_mask):
@@ -69,11 +83,15 @@ def forward(
     *,
     positions: jax.Array | None = None,
     return_hidden: bool = False,
+    last_only: bool = False,
 ) -> jax.Array:
-    """Logits [B, T, V] float32 (or final hidden states [B, T, E] with ``return_hidden``)."""
+    """Logits [B, T, V] float32 (or final hidden states [B, T, E] with ``return_hidden``).
+
+    ``last_only``: only the last position, [B, 1, V] (with left padding, every row's last token).
+    """
     _check_tokens(tokens, attention_mask)
     return _module(config, "lm").apply(
-        {"params": params}, tokens, attention_mask, positions, None, return_hidden
+        {"params": params}, tokens, attention_mask, positions, None, return_hidden, last_only
     )
 
 
@@ -112,10 +130,16 @@ def apply_with_cache(
     tokens: jax.Array,
     attention_mask: jax.Array | None,
     cache: KVCache,
+    *,
+    last_only: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run T new tokens against the cache: logits [B, T, V] and the cache with them written.
 
-    The caller keeps ``cache.index + T <= cache.max_len`` (slots past the end would be dropped).
+    ``last_only``: logits of the last position only, [B, 1, V] (a prefill over left-padded
+    prompts needs nothing else). The caller keeps ``cache.index + T <= cache.max_len`` (slots past
+    the end would be dropped).
     """
     _check_tokens(tokens, attention_mask)
-    return _module(config, "lm").apply({"params": params}, tokens, attention_mask, None, cache)
+    return _module(config, "lm").apply(
+        {"params": params}, tokens, attention_mask, None, cache, False, last_only
+    )

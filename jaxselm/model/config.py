@@ -21,6 +21,8 @@ from jaxselm.config_base import FrozenConfig, PositiveFloat, PositiveInt
 PositionMode = Literal["rope", "cope", "cope+rope", "none", "absolute"]
 DType = Literal["float32", "bfloat16", "float16"]
 CopeImpl = Literal["auto", "reference", "xla", "pallas_tpu", "pallas_gpu"]
+# How a model runs, not what it computes: a checkpoint loads whatever these are set to.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "cope_impl", "remat")
 
 
 class RopeScaling(FrozenConfig):
@@ -101,6 +103,13 @@ class ModelConfig(FrozenConfig):
         if self.sliding_window is not None and self.uses_cope:
             raise bad("sliding_window", "is not supported with CoPE positions")
         return self
+
+    def architecture_differences(self, other: ModelConfig) -> list[str]:
+        """Fields (sorted) in which ``other`` describes a different network; the runtime choices
+        (``RUNTIME_FIELDS``: dtypes, CoPE implementation, remat) do not count."""
+        mine = self.model_dump(exclude=set(RUNTIME_FIELDS))
+        theirs = other.model_dump(exclude=set(RUNTIME_FIELDS))
+        return sorted(k for k in mine if mine[k] != theirs[k])
 
     # -- derived quantities ------------------------------------------------------------------
     @property

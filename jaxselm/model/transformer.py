@@ -209,6 +209,7 @@ class Transformer(nn.Module):
         positions: Array | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        last_only: bool = False,
     ):
         cfg = self.config
         if self.head not in ("lm", "reward"):
@@ -258,6 +259,10 @@ class Transformer(nn.Module):
         )(cfg, name="layers")
         (x, new_layer_caches), _ = layers((x, layer_caches), positions, kv_mask, cache_index, shared_pos_emb)
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
+        if last_only and self.head == "lm":
+            # Only the last position (every row's last real token with left padding): what
+            # decoding needs; a [B, T, V] logits tensor would dwarf the KV cache.
+            x = x[:, -1:]
 
         if return_hidden:
             out = x

@@ -16,6 +16,9 @@ from typing import Any
 
 import jax
 
+from jaxselm import metric_names as M
+from jaxselm.files import atomic_write, write_text
+
 
 def _clean(v: Any) -> Any:
     if hasattr(v, "item"):
@@ -54,9 +57,7 @@ class MetricsWriter:
                 continue  # a line cut by a kill
             if keep(rec):
                 kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(f"{x}\n" for x in kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(f"{x}\n" for x in kept))
 
     def write(self, kind: str, step: int, values: dict[str, Any], **tags: Any) -> None:
         if not self.enabled:
@@ -96,8 +97,8 @@ def plot_iterations(records: list[dict[str, Any]], path: str | os.PathLike, *, k
     # (a notebook keeps its inline plots).
     from matplotlib.figure import Figure
 
-    keys = keys or ["eval/sample_accuracy", "eval/accuracy", "eval/sample_reward",
-                    "eval/sample_win_rate", "eval/kl"]
+    keys = keys or [M.EVAL_SAMPLE_ACCURACY, M.EVAL_ACCURACY, M.EVAL_SAMPLE_REWARD,
+                    M.EVAL_SAMPLE_WIN_RATE, M.EVAL_KL]
     keys = [k for k in keys if any(r.get(k) is not None for r in records)]
     if not keys:
         return
@@ -110,6 +111,42 @@ def plot_iterations(records: list[dict[str, Any]], path: str | os.PathLike, *, k
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+
+
+def distinct_n(sequences: list[list[int]], n: int) -> float:
+    """Distinct-n: unique n-grams / all n-grams over a set of responses (diversity)."""
+    grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+# The per-iteration table the CLI prints at the end of a run: (header, metric, format).
+# eval/accuracy, eval/reward, eval/win_rate: greedy responses; eval/sample_*: one temperature-1
+# sample per prompt (the policy's distribution). Win rates are against the previous iteration.
+TABLE_COLUMNS = [
+    ("iter", "iteration", "{:>4d}"),
+    ("sample-acc", M.EVAL_SAMPLE_ACCURACY, "{:>10.3f}"),
+    ("greedy-acc", M.EVAL_ACCURACY, "{:>10.3f}"),
+    ("reward", M.EVAL_SAMPLE_REWARD, "{:>7.3f}"),
+    ("win-rate", M.EVAL_SAMPLE_WIN_RATE, "{:>8.3f}"),
+    ("pairs", M.samples_name("n_pairs"), "{:>5.0f}"),
+    ("margin", M.samples_name("mean_margin"), "{:>6.3f}"),
+    ("loss", M.train_summary_name(M.LOSS), "{:>7.4f}"),
+    ("rwd-acc", M.train_summary_name(M.REWARDS_ACCURACIES), "{:>7.3f}"),
+    ("KL", M.EVAL_KL, "{:>7.3f}"),
+    ("len", M.EVAL_LENGTH, "{:>5.1f}"),
+    ("dist-2", M.samples_name("distinct_2"), "{:>6.3f}"),
+]
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    """The per-iteration table of ``records`` (the metrics file's "iteration" records)."""
+    head = " | ".join(name for name, _, _ in TABLE_COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in sorted(records, key=lambda r: r["iteration"]):
+        cells = []
+        for name, key, fmt in TABLE_COLUMNS:
+            v = r.get(key)
+            cells.append(fmt.format(v).rjust(len(name)) if v is not None else "-".rjust(len(name)))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)

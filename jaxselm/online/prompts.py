@@ -30,7 +30,7 @@ def build_tokenizer(cfg: RunConfig) -> Tokenizer:
     return load_tokenizer(spec)
 
 
-def _text_of(messages_or_text: Any) -> str:
+def text_of(messages_or_text: Any) -> str:
     if isinstance(messages_or_text, str):
         return messages_or_text
     if isinstance(messages_or_text, list) and messages_or_text:
@@ -199,7 +199,7 @@ class PromptSet:
                                     f"{str(r.get('prompt', ''))[:40]!r}) has no 'chosen' "
                                     f"response for SFT (sft uses the first sft.demonstrations="
                                     f"{sft.demonstrations} rows; or set sft.steps=0)")
-                recs.append({**r, "response": _text_of(r["chosen"])})
+                recs.append({**r, "response": text_of(r["chosen"])})
         out = []
         for r in recs:
             out.append({"prompt_ids": self.encode_prompt(r), "response_ids": self.encode_response(r["response"]),

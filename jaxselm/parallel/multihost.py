@@ -47,7 +47,7 @@ import jax
 import numpy as np
 
 from jaxselm.errors import ConfigError, JaxselmError
-from jaxselm.parallel.rules import LOGICAL_AXIS_RULES, Rules, batch_sharding
+from jaxselm.parallel.rules import LOGICAL_AXIS_RULES, Rules, batch_sharding, path_name
 
 ENV_COORDINATOR = "JAXSELM_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXSELM_NUM_PROCESSES"
@@ -303,36 +303,42 @@ def local_batch_rows(
 
 
 def make_global_batch(
-    local_batch: Mapping[str, Any],
+    local_batch: Any,
     mesh: jax.sharding.Mesh,
     global_size: int,
     rules: Rules = LOGICAL_AXIS_RULES,
-) -> dict[str, Any]:
+) -> Any:
     """Global batch arrays (leading "batch" dim sharded per the rules) from this process's rows.
 
-    ``local_batch[name]`` holds the rows ``local_batch_rows(global_size, mesh, rules)`` of the
-    global batch, in that order; no process ever materialises the others' rows. The sharding is
-    the one the train step expects, so the result feeds it without resharding. With one process
-    the (whole) numpy batch is returned unchanged: the step places it as before.
+    ``local_batch`` is a pytree (a typed batch of :mod:`jaxselm.data.packing`, or a dict) whose
+    arrays hold the rows ``local_batch_rows(global_size, mesh, rules)`` of the global batch, in
+    that order; no process ever materialises the others' rows. The sharding is the one the train
+    step expects, so the result feeds it without resharding. With one process the (whole) numpy
+    batch is returned unchanged: the step places it as before.
     """
     rows = local_batch_rows(global_size, mesh, rules)
-    for name, local in local_batch.items():
+
+    def check(path: Any, local: Any) -> None:
+        name = ".".join(("batch", path_name(path)))
         if np.ndim(local) == 0:
-            raise ConfigError(f"batch.{name}: expected a leading batch dimension, got a scalar")
+            raise ConfigError(f"{name}: expected a leading batch dimension, got a scalar")
         if np.shape(local)[0] != len(rows):
-            raise ConfigError(f"batch.{name}: this process holds {len(rows)} of the {global_size} "
+            raise ConfigError(f"{name}: this process holds {len(rows)} of the {global_size} "
                               f"rows, got {np.shape(local)[0]}")
+
+    jax.tree_util.tree_map_with_path(check, local_batch)
     if jax.process_count() == 1:
-        return dict(local_batch)
+        return local_batch
     where = {int(r): i for i, r in enumerate(rows)}
-    out: dict[str, Any] = {}
-    for name, local in local_batch.items():
+
+    def assemble(local: Any) -> jax.Array:
         local = np.asarray(local)
         shape = (global_size, *local.shape[1:])
 
-        def shard(index: tuple, local=local) -> np.ndarray:
+        def shard(index: tuple) -> np.ndarray:
             picked = [where[r] for r in range(*index[0].indices(global_size))]
             return local[picked][(slice(None), *index[1:])]
 
-        out[name] = jax.make_array_from_callback(shape, batch_sharding(shape, mesh, rules), shard)
-    return out
+        return jax.make_array_from_callback(shape, batch_sharding(shape, mesh, rules), shard)
+
+    return jax.tree.map(assemble, local_batch)

@@ -129,6 +129,19 @@ def opt_state_shardings(
     )
 
 
+def path_name(path: tuple) -> str:
+    """"layers.attn.q_proj.kernel" from a pytree key path (dict keys, fields, indices)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return ".".join(parts)
+
+
 def batch_sharding(
     shape: Sequence[int], mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_AXIS_RULES
 ) -> NamedSharding:

@@ -12,10 +12,8 @@ from jaxselm.sampling.engine import (
     DEFAULT_LOGICAL_RULES,
     FinishReason,
     GenerationResult,
-    bucket_length,
     generate,
     lower_generate,
-    pad_prompts,
 )
 from jaxselm.sampling.strategies import (
     apply_temperature,
@@ -33,12 +31,10 @@ __all__ = [
     "FinishReason",
     "GenerationResult",
     "apply_temperature",
-    "bucket_length",
     "check_sampling_params",
     "generate",
     "lower_generate",
     "min_p_filter",
-    "pad_prompts",
     "process_logits",
     "sample_logits",
     "token_logprobs",

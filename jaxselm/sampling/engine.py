@@ -12,7 +12,8 @@ hot loop of the package. One call:
 
 How it runs (one jitted function per static setting):
 
-1. Prompts are left-padded to a bucketed length (powers of two, at least 8) so that batches of
+1. Prompts are left-padded to a bucketed length (powers of two, at least 8; by
+   :func:`jaxselm.data.packing.pack_prompts`, or given as a ``PromptBatch``) so that batches of
    different prompt lengths reuse one compilation; an int array [B, T] with its mask is used as is.
 2. Prefill: one call of the model over the padded prompts writes their keys/values into a cache of
    ``T + max_new_tokens - 1`` slots and gives the next-token logits. Only the last position goes
@@ -54,10 +55,10 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from jaxselm.errors import ConfigError, DataError
+from jaxselm.data.packing import PromptBatch, pack_prompts
 from jaxselm.model import (
     KVCache,
     ModelConfig,
-    Transformer,
     apply_with_cache,
     cache_logical_axes,
     init_cache,
@@ -78,8 +79,6 @@ Rules = tuple[tuple[str, Any], ...]
 
 # The training side's table (batch first so activations give "fsdp" to the batch, not embed).
 DEFAULT_LOGICAL_RULES: Rules = LOGICAL_AXIS_RULES
-
-MIN_BUCKET = 8
 
 
 class FinishReason(enum.IntEnum):
@@ -102,32 +101,6 @@ class GenerationResult(NamedTuple):
 
 
 # -- prompts -------------------------------------------------------------------------------------
-
-
-def bucket_length(n: int, minimum: int = MIN_BUCKET) -> int:
-    """The padded length used for a longest prompt of ``n`` tokens: the next power of two."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-def pad_prompts(
-    prompts: Sequence[Sequence[int]], *, pad_id: int = 0, length: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad token-id lists to ``length`` (default: bucketed): tokens [B, T] int32, mask [B, T].
-    """
-    if len(prompts) == 0:
-        raise DataError("prompts: empty batch (no prompts given)")
-    lens = [len(p) for p in prompts]
-    t = bucket_length(max(lens)) if length is None else length
-    tokens = np.full((len(prompts), t), pad_id, np.int32)
-    mask = np.zeros((len(prompts), t), bool)
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise DataError(f"prompts[{i}]: empty prompt (needs at least one token)")
-        if len(p) > t:
-            raise DataError(f"prompts[{i}]: {len(p)} tokens do not fit the padded length {t}")
-        tokens[i, t - len(p):] = np.asarray(p, np.int64)
-        mask[i, t - len(p):] = True
-    return tokens, mask
 
 
 def _is_int(x: Any) -> bool:
@@ -219,15 +192,6 @@ class _Layout:
 # -- the jitted core -----------------------------------------------------------------------------
 
 
-def _last_logits(params, config: ModelConfig, tokens, mask, cache) -> tuple[Array, KVCache]:
-    """Prefill: write the prompts into the cache; logits [B, V] f32 of the last position only."""
-    hidden, cache = Transformer(config).apply({"params": params}, tokens, mask, None, cache, True)
-    h = hidden[:, -1]  # left padding: the last slot is every row's last real token
-    w = params["embed"].T if config.tie_embeddings else params["lm_head"]
-    logits = jnp.dot(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), cache
-
-
 def _repeat_rows(cache: KVCache, n: int) -> KVCache:
     """Each prompt's cache row repeated n times (row b * n + j is sample j of prompt b)."""
     if n == 1:
@@ -289,9 +253,10 @@ def _generate_core(params, tokens, mask, rng, temperature, top_p, min_p, *, s: _
     # Prefill once per prompt, then share its cache across its n samples.
     cache = init_cache(cfg, b, t + m - 1, dtype=s.cache_dtype)
     cache = lay.cache(cache)
-    logits, cache = _last_logits(params, cfg, tokens, mask, cache)
+    # Left padding: the last slot is every row's last real token, the only logits needed.
+    logits, cache = apply_with_cache(params, cfg, tokens, mask, cache, last_only=True)
     cache = lay.cache(_repeat_rows(cache, n))
-    logits = lay.batch(jnp.repeat(logits, n, axis=0))
+    logits = lay.batch(jnp.repeat(logits[:, 0], n, axis=0))
 
     prompt_ids = jnp.repeat(jnp.arange(b, dtype=jnp.int32), n)
     sample_ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
@@ -356,7 +321,7 @@ def _generate_core(params, tokens, mask, rng, temperature, top_p, min_p, *, s: _
 def _prepare(
     params: Any,
     config: ModelConfig,
-    prompts: Sequence[Sequence[int]] | Array | np.ndarray,
+    prompts: Sequence[Sequence[int]] | PromptBatch | Array | np.ndarray,
     prompt_mask: Array | np.ndarray | None = None,
     *,
     rng: Array,
@@ -387,6 +352,10 @@ def _prepare(
             raise ConfigError(
                 f"stop_token_ids: {x} is outside the vocabulary [0, {config.vocab_size})"
             )
+    if isinstance(prompts, PromptBatch):
+        if prompt_mask is not None:
+            raise DataError("prompt_mask: a PromptBatch carries its own mask")
+        prompts, prompt_mask = prompts.tokens, prompts.mask
 
     if isinstance(prompts, jax.Array) and not prompts.is_fully_addressable:
         # A global batch spanning other hosts (multi-process): each process checks the rows it
@@ -419,7 +388,8 @@ def _prepare(
     else:
         if prompt_mask is not None:
             raise DataError("prompt_mask: only allowed with an array of prompts, not id lists")
-        tokens, mask = pad_prompts(prompts, pad_id=pad_id)
+        packed = pack_prompts(prompts, pad_id)
+        tokens, mask = packed.tokens, packed.mask
     if not isinstance(prompts, jax.Array) or prompts.is_fully_addressable:
         _validate_prompts(tokens, mask, config, max_new_tokens)
         tokens = np.where(mask, tokens, 0).astype(np.int32)  # the model sees id 0 in padding slots
@@ -453,7 +423,7 @@ def _prepare(
 def generate(
     params: Any,
     config: ModelConfig,
-    prompts: Sequence[Sequence[int]] | Array | np.ndarray,
+    prompts: Sequence[Sequence[int]] | PromptBatch | Array | np.ndarray,
     prompt_mask: Array | np.ndarray | None = None,
     *,
     rng: Array,
@@ -472,7 +442,8 @@ def generate(
 ) -> GenerationResult:
     """Sample ``n`` continuations of ``max_new_tokens`` tokens for every prompt.
 
-    ``prompts`` is a list of token-id lists (left-padded here to a bucketed length) or a left-padded
+    ``prompts`` is a list of token-id lists (left-padded here to a bucketed length), a
+    :class:`~jaxselm.data.packing.PromptBatch`, or a left-padded
     int array [B, T] with ``prompt_mask`` [B, T] (True on real tokens; all True if omitted).
     Sampling: ``greedy`` takes the argmax of the raw logits; otherwise tokens are drawn from
     softmax(logits / temperature) restricted by top_k (0 = off), top_p (1 = off) and min_p

@@ -6,7 +6,14 @@
 See ``jaxselm.train.step`` for the batch layout and a full example.
 """
 
-from jaxselm.train.checkpoint import Checkpointer, load_params, save_params
+from jaxselm.train.checkpoint import (
+    Checkpointer,
+    export_metadata,
+    latest_step,
+    load_params,
+    save_params,
+)
+from jaxselm.train.driver import TrainLoop
 from jaxselm.train.losses import (
     dpo_loss,
     ipo_loss,
@@ -20,7 +27,6 @@ from jaxselm.train.losses import (
 from jaxselm.train.optimizer import OptimizerConfig, TrainConfig, make_optimizer, make_schedule
 from jaxselm.train.state import (
     TrainState,
-    abstract_params,
     abstract_train_state,
     create_train_state,
     init_train_state,
@@ -28,16 +34,15 @@ from jaxselm.train.state import (
     shard_train_state,
     state_shardings,
 )
+from jaxselm.train.reference import ReferenceFn, make_reference_fn, reference_logprobs
 from jaxselm.train.step import (
-    ReferenceFn,
     ShardedStep,
     make_preference_step,
-    make_reference_fn,
     make_reward_model_step,
     make_sft_step,
     make_step,
     policy_logprobs,
-    reference_logprobs,
+    responses_for,
 )
 
 __all__ = [
@@ -46,13 +51,15 @@ __all__ = [
     "ReferenceFn",
     "ShardedStep",
     "TrainConfig",
+    "TrainLoop",
     "TrainState",
-    "abstract_params",
     "abstract_train_state",
     "create_train_state",
+    "export_metadata",
     "dpo_loss",
     "init_train_state",
     "ipo_loss",
+    "latest_step",
     "load_params",
     "make_optimizer",
     "make_preference_step",
@@ -64,6 +71,7 @@ __all__ = [
     "params_shardings_for",
     "policy_logprobs",
     "reference_logprobs",
+    "responses_for",
     "reward_model_loss",
     "save_params",
     "selm_loss",

@@ -7,7 +7,7 @@
     state, meta = ckpt.restore(target)                              # latest step, resharded
     ckpt.close()
 
-    save_params("/runs/selm/export/iter1", state.params)            # params alone
+    save_params("/runs/selm/export/iter1", state.params, model_config=cfg)  # params alone
     params = load_params("/runs/selm/export/iter1", target=abstract_params_with_shardings)
 
 Each array is written by the devices that hold it (tensorstore/zarr, no pickle) and read back
@@ -27,10 +27,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxselm.errors import CheckpointError
+from jaxselm.errors import CheckpointError, ConfigError
+from jaxselm.model import ModelConfig
+from jaxselm.parallel.rules import path_name
 
 _STATE = "state"
 _METADATA = "metadata"
+_EXPORT_KEY = "jaxselm"  # a params export's custom metadata: {"model": {...}, "head": "lm"}
 
 
 def _one_line(err: BaseException, limit: int = 160) -> str:
@@ -184,7 +187,7 @@ class Checkpointer:
             if tree is None:
                 raise ValueError("no array metadata")
             flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-            return {_key_name(path): tuple(leaf.shape) for path, leaf in flat}
+            return {path_name(path): tuple(leaf.shape) for path, leaf in flat}
         except Exception as err:
             raise CheckpointError(
                 f"checkpoint {self._step_dir(step)} is unreadable or corrupted ({_one_line(err)})"
@@ -194,7 +197,7 @@ class Checkpointer:
         """Compare names and shapes with the target before reading any data (clear errors)."""
         saved = self.saved_shapes(step)
         wanted = {
-            _key_name(path): tuple(leaf.shape)
+            path_name(path): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
         }
         where = self._step_dir(step)
@@ -228,17 +231,13 @@ class Checkpointer:
         return dict(restored[_METADATA] or {})
 
 
-def _key_name(path: tuple) -> str:
-    """"params.layers.attn.q_proj.kernel" from a key path (dict keys, indices, attributes)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
+def latest_step(directory: str | os.PathLike) -> int | None:
+    """The latest completed step of a checkpoint directory; None when there is none (or no
+    directory)."""
+    if not _abs(directory).is_dir():
+        return None
+    with Checkpointer(directory, create=False) as ck:
+        return ck.latest_step()
 
 
 def _abstract_leaf(x: Any) -> Any:
@@ -249,17 +248,46 @@ def _abstract_leaf(x: Any) -> Any:
     return x
 
 
-def save_params(path: str | os.PathLike, params: Any, *, overwrite: bool = False) -> None:
-    """Write ``params`` alone (an export for sampling, evaluation or the next iteration's pi_ref).
+def save_params(
+    path: str | os.PathLike,
+    params: Any,
+    *,
+    model_config: ModelConfig | None = None,
+    head: str = "lm",
+    overwrite: bool = False,
+) -> None:
+    """Write ``params`` alone: a params export (for sampling, evaluation, the next pi_ref).
 
-    Synchronous; ``path`` must not exist unless ``overwrite``.
+    With ``model_config`` the export carries it (and ``head``) in its orbax metadata, written in
+    the same atomic step as the arrays, so :func:`jaxselm.checkpoints.load_checkpoint` needs
+    nothing else to load it. Synchronous; ``path`` must not exist unless ``overwrite``.
     """
     where = _abs(path)
     if where.exists() and not overwrite:
         raise CheckpointError(f"params export already exists: {where}")
+    meta = None
+    if model_config is not None:
+        meta = {_EXPORT_KEY: {"model": model_config.model_dump(mode="json"), "head": head}}
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(where, params, force=overwrite)
+        ckptr.save(where, params, force=overwrite, custom_metadata=meta)
         ckptr.wait_until_finished()
+
+
+def export_metadata(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
+    """(model config, head) a params export carries, or None (an export saved without them)."""
+    where = _abs(path)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            custom = ckptr.metadata(where).custom_metadata or {}
+    except Exception as err:
+        raise CheckpointError(f"params checkpoint {where} is unreadable ({_one_line(err)})") from err
+    meta = custom.get(_EXPORT_KEY)
+    if not meta:
+        return None
+    try:
+        return ModelConfig(**meta["model"]), str(meta.get("head", "lm"))
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: its model config is invalid ({err})") from None
 
 
 def load_params(

@@ -25,6 +25,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxselm import metric_names as M
+
 Metrics = dict[str, jax.Array]
 
 
@@ -64,12 +66,12 @@ def _preference_metrics(
     rejected_rewards: jax.Array,
 ) -> Metrics:
     return {
-        "rewards/chosen": chosen_rewards,
-        "rewards/rejected": rejected_rewards,
-        "rewards/margins": chosen_rewards - rejected_rewards,
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
-        "logps/chosen": policy_chosen,
-        "logps/rejected": policy_rejected,
+        M.REWARDS_CHOSEN: chosen_rewards,
+        M.REWARDS_REJECTED: rejected_rewards,
+        M.REWARDS_MARGINS: chosen_rewards - rejected_rewards,
+        M.REWARDS_ACCURACIES: (chosen_rewards > rejected_rewards).astype(jnp.float32),
+        M.LOGPS_CHOSEN: policy_chosen,
+        M.LOGPS_REJECTED: policy_rejected,
     }
 
 
@@ -126,10 +128,10 @@ def selm_loss_terms(
     exploration = alpha * beta * refresp_logratio
     metrics = {
         **metrics,
-        "loss/dpo": jax.lax.stop_gradient(losses),
-        "logps/refresp": py,
-        "rewards/refresp": beta * jax.lax.stop_gradient(refresp_logratio),
-        "selm/exploration": jax.lax.stop_gradient(exploration),
+        M.LOSS_DPO: jax.lax.stop_gradient(losses),
+        M.LOGPS_REFRESP: py,
+        M.REWARDS_REFRESP: beta * jax.lax.stop_gradient(refresp_logratio),
+        M.SELM_EXPLORATION: jax.lax.stop_gradient(exploration),
     }
     # alpha == 0: adds exact zeros, so the value and gradient are DPO's bit for bit.
     return losses + exploration, metrics
@@ -172,9 +174,9 @@ def xpo_loss_terms(
     exploration = alpha * py
     metrics = {
         **metrics,
-        "loss/dpo": jax.lax.stop_gradient(losses),
-        "logps/refresp": py,
-        "xpo/exploration": jax.lax.stop_gradient(exploration),
+        M.LOSS_DPO: jax.lax.stop_gradient(losses),
+        M.LOGPS_REFRESP: py,
+        M.XPO_EXPLORATION: jax.lax.stop_gradient(exploration),
     }
     return losses + exploration, metrics
 
@@ -276,7 +278,7 @@ def sft_loss_terms(
     mask_BT = _f32(loss_mask[:, 1:])
     nll_sum = -jnp.sum(logp_BT * mask_BT)
     hits = jnp.argmax(logits[:, :-1], axis=-1) == labels[:, 1:]
-    metrics = {"sft/nll": nll_sum, "sft/accuracy": jnp.sum(hits * mask_BT)}
+    metrics = {M.SFT_NLL: nll_sum, M.SFT_ACCURACY: jnp.sum(hits * mask_BT)}
     return nll_sum, jnp.sum(mask_BT), metrics
 
 
@@ -291,7 +293,7 @@ def sft_loss(
     nll_sum, count, metrics = sft_loss_terms(logits, labels, loss_mask)
     denom = jnp.maximum(count, 1.0)
     out = {k: v / denom for k, v in metrics.items()}
-    out["sft/tokens"] = count
+    out[M.SFT_TOKENS] = count
     return nll_sum / denom, out
 
 
@@ -303,10 +305,10 @@ def reward_model_loss_terms(
     margin = c - r
     losses = -jax.nn.log_sigmoid(margin)
     metrics = {
-        "rm/accuracy": (margin > 0).astype(jnp.float32),
-        "rm/margin": jax.lax.stop_gradient(margin),
-        "rm/chosen": jax.lax.stop_gradient(c),
-        "rm/rejected": jax.lax.stop_gradient(r),
+        M.RM_ACCURACY: (margin > 0).astype(jnp.float32),
+        M.RM_MARGIN: jax.lax.stop_gradient(margin),
+        M.RM_CHOSEN: jax.lax.stop_gradient(c),
+        M.RM_REJECTED: jax.lax.stop_gradient(r),
     }
     return losses, metrics
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxselm.model import ModelConfig, init_params, param_logical_axes
+from jaxselm.model import ModelConfig, abstract_params, init_params, param_logical_axes
 from jaxselm.parallel.rules import (
     LOGICAL_AXIS_RULES,
     Rules,
@@ -43,11 +43,6 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation) -> 
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params)
     )
-
-
-def abstract_params(config: ModelConfig, *, head: str = "lm") -> Any:
-    """ShapeDtypeStructs of the model's params (nothing allocated)."""
-    return jax.eval_shape(lambda key: init_params(config, key, head=head), jax.random.key(0))
 
 
 def params_shardings_for(

@@ -1,4 +1,4 @@
-"""Sharded train steps (SELM/DPO/IPO/XPO, SFT, reward model) and the reference forward.
+"""Sharded train steps: SELM / DPO / IPO / XPO, SFT, reward model.
 
 One call of a step = one optimizer update over the whole batch: the batch is split into
 ``micro_batches`` pieces, gradients are summed in a ``lax.scan`` and divided once by the batch's
@@ -10,32 +10,25 @@ old state. It is traced inside the logical-axis rules and, with ``activation_con
 too (``ACTIVATION_CONSTRAINTS``, on by default); parameters, optimizer state and batch are laid
 out by the rule table and XLA propagates from there.
 
-Preference batch (a dict; every response padded to the same length T, prompt included)::
-
-    chosen_tokens    int32 [B, T]   prompt + chosen response (left or right padded)
-    chosen_mask      [B, T]         attention mask, 1 = real token
-    chosen_loss_mask [B, T]         1 on the response tokens only (prompt and padding 0)
-    rejected_tokens / rejected_mask / rejected_loss_mask     same for the rejected response
-    refresp_tokens  / refresp_mask  / refresp_loss_mask      same for y_ref (selm, xpo only)
-    ref_chosen_logps, ref_rejected_logps, ref_refresp_logps   float32 [B], from
-                                    reference_logprobs() with the iteration-start params
-
-The policy runs once per micro-batch over the responses interleaved as [b, 3, T] -> [3b, T]
+Batches are the typed ones of :mod:`jaxselm.data.packing`: a ``PreferenceBatch`` (chosen,
+rejected and, for SELM / XPO, y_ref ``Sequences`` of one length T, plus the reference model's
+``LogProbs`` from :mod:`jaxselm.train.reference` with the iteration-start params) for the preference
+losses and the reward model (which reads chosen / rejected only), ``Sequences`` (``SFTBatch``) for
+SFT. The policy runs once per micro-batch over the responses interleaved as [b, 3, T] -> [3b, T]
 (interleaving, not concatenating, keeps each device's rows on that device when the batch is
-sharded). SFT batch: ``tokens``, ``mask``, ``loss_mask`` [B, T]. Reward-model batch:
-``chosen_tokens``, ``chosen_mask``, ``rejected_tokens``, ``rejected_mask``.
+sharded).
 
     mesh = make_mesh((2, 4, 1))
     tx = make_optimizer(train_cfg.optimizer)
     state = init_train_state(model_cfg, tx, rng, mesh)
     ref = make_reference_fn(model_cfg, mesh)(ref_params, batch)        # once per iteration
     step = make_preference_step(model_cfg, train_cfg, tx, mesh)
-    state, metrics = step(state, {**batch, **ref})
+    state, metrics = step(state, batch.replace(ref_logps=ref))
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import chex
@@ -44,21 +37,24 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
+from jaxselm import metric_names as M
+from jaxselm.data.packing import PreferenceBatch, Sequences
 from jaxselm.errors import ConfigError
 from jaxselm.model import ModelConfig, forward, reward_scores
 from jaxselm.parallel.rules import (
     LOGICAL_AXIS_RULES,
     Rules,
-    batch_sharding,
+    batch_shardings,
     logical_to_mesh_spec,
+    path_name,
     replicated,
     with_mesh_rules,
 )
 from jaxselm.train import losses as L
 from jaxselm.train.optimizer import TrainConfig, make_schedule
-from jaxselm.train.state import TrainState, params_shardings_for, state_shardings
+from jaxselm.train.state import TrainState, state_shardings
 
-Batch = Mapping[str, jax.Array]
+Batch = Any  # a typed batch of jaxselm.data.packing (a pytree of [B, ...] arrays)
 Metrics = dict[str, jax.Array]
 # (params, micro-batch) -> (summed loss, weight, summed metrics); the step divides by the weight.
 LossFn = Callable[[Any, Batch], tuple[jax.Array, jax.Array, Metrics]]
@@ -81,57 +77,40 @@ def responses_for(loss: str) -> tuple[str, ...]:
 def policy_logprobs(
     params: Any,
     config: ModelConfig,
-    batch: Batch,
+    batch: PreferenceBatch,
     responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
     forward_fn: Callable[..., jax.Array] = forward,
 ) -> dict[str, jax.Array]:
     """Summed response log-probs {name: float32 [B]} from ONE forward over all responses."""
-    first = batch[f"{responses[0]}_tokens"]
-    chex.assert_rank(first, 2)
-    B, T = first.shape
-    for name in responses:
-        chex.assert_shape(
-            [batch[f"{name}_tokens"], batch[f"{name}_mask"], batch[f"{name}_loss_mask"]], (B, T)
-        )
+    seqs: list[Sequences] = [getattr(batch, name) for name in responses]
+    chex.assert_rank(seqs[0].tokens, 2)
+    B, T = seqs[0].tokens.shape
+    for s in seqs:
+        chex.assert_shape([s.tokens, s.mask, s.loss_mask], (B, T))
     k = len(responses)
 
-    def interleave(suffix: str) -> jax.Array:
-        return jnp.stack([batch[f"{n}{suffix}"] for n in responses], axis=1).reshape(B * k, T)
+    def interleave(field: str) -> jax.Array:
+        return jnp.stack([getattr(s, field) for s in seqs], axis=1).reshape(B * k, T)
 
-    tokens = interleave("_tokens").astype(jnp.int32)
-    logits = forward_fn(params, config, tokens, attention_mask=interleave("_mask"))
-    logps = L.sequence_logprobs(logits, tokens, interleave("_loss_mask")).reshape(B, k)
+    tokens = interleave("tokens").astype(jnp.int32)
+    logits = forward_fn(params, config, tokens, attention_mask=interleave("mask"))
+    logps = L.sequence_logprobs(logits, tokens, interleave("loss_mask")).reshape(B, k)
     return {name: logps[:, i] for i, name in enumerate(responses)}
-
-
-def reference_logprobs(
-    params: Any,
-    config: ModelConfig,
-    batch: Batch,
-    responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
-) -> dict[str, jax.Array]:
-    """{"ref_<name>_logps": float32 [B]} for each response, with the reference ``params``.
-
-    Pure and jittable (``config`` static); :func:`make_reference_fn` gives the sharded, jitted,
-    micro-batched version the loop uses once per iteration.
-    """
-    logps = policy_logprobs(params, config, batch, responses)
-    return {f"ref_{name}_logps": jax.lax.stop_gradient(v) for name, v in logps.items()}
 
 
 def preference_loss_fn(config: ModelConfig, train: TrainConfig) -> LossFn:
     """The per-micro-batch loss of ``train.loss`` (selm, dpo, ipo or xpo)."""
     responses = responses_for(train.loss)
 
-    def loss_fn(params: Any, mb: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
+    def loss_fn(params: Any, mb: PreferenceBatch) -> tuple[jax.Array, jax.Array, Metrics]:
+        if mb.ref_logps is None:
+            raise ConfigError("batch.ref_logps: a preference step needs the reference log-probs")
         pol = policy_logprobs(params, config, mb, responses)
-        # XPO has no reference term for y_ref, so the batch need not carry ref_refresp_logps.
-        ref_names = ("chosen", "rejected") if train.loss == "xpo" else responses
-        ref = {n: mb[f"ref_{n}_logps"] for n in ref_names}
-        common = (pol["chosen"], pol["rejected"], ref["chosen"], ref["rejected"])
+        ref = mb.ref_logps
+        common = (pol["chosen"], pol["rejected"], ref.chosen, ref.rejected)
         if train.loss == "selm":
             losses, metrics = L.selm_loss_terms(
-                *common, pol["refresp"], ref["refresp"],
+                *common, pol["refresp"], ref.refresp,
                 beta=train.beta, alpha=train.alpha, label_smoothing=train.label_smoothing,
             )
         elif train.loss == "dpo":
@@ -140,7 +119,7 @@ def preference_loss_fn(config: ModelConfig, train: TrainConfig) -> LossFn:
             )
         elif train.loss == "ipo":
             losses, metrics = L.ipo_loss_terms(*common, beta=train.beta)
-        else:
+        else:  # XPO has no reference term for y_ref
             losses, metrics = L.xpo_loss_terms(
                 *common, pol["refresp"], beta=train.beta, alpha=train.alpha
             )
@@ -153,12 +132,12 @@ def preference_loss_fn(config: ModelConfig, train: TrainConfig) -> LossFn:
 def sft_loss_fn(config: ModelConfig) -> LossFn:
     """Token NLL of ``tokens`` where ``loss_mask`` is 1 (weight: the number of such tokens)."""
 
-    def loss_fn(params: Any, mb: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
-        chex.assert_rank(mb["tokens"], 2)
-        chex.assert_equal_shape([mb["tokens"], mb["mask"], mb["loss_mask"]])
-        tokens = mb["tokens"].astype(jnp.int32)
-        logits = forward(params, config, tokens, attention_mask=mb["mask"])
-        return L.sft_loss_terms(logits, tokens, mb["loss_mask"])
+    def loss_fn(params: Any, mb: Sequences) -> tuple[jax.Array, jax.Array, Metrics]:
+        chex.assert_rank(mb.tokens, 2)
+        chex.assert_equal_shape([mb.tokens, mb.mask, mb.loss_mask])
+        tokens = mb.tokens.astype(jnp.int32)
+        logits = forward(params, config, tokens, attention_mask=mb.mask)
+        return L.sft_loss_terms(logits, tokens, mb.loss_mask)
 
     return loss_fn
 
@@ -166,16 +145,16 @@ def sft_loss_fn(config: ModelConfig) -> LossFn:
 def reward_loss_fn(score_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]) -> LossFn:
     """Bradley-Terry loss of ``score_fn(params, tokens [N, T], mask [N, T]) -> float32 [N]``.
 
-    Chosen and rejected go through ``score_fn`` together, interleaved as [2b, T].
+    The chosen and rejected rows of a ``PreferenceBatch`` go through ``score_fn`` together,
+    interleaved as [2b, T].
     """
 
-    def loss_fn(params: Any, mb: Batch) -> tuple[jax.Array, jax.Array, Metrics]:
-        B, T = mb["chosen_tokens"].shape
-        chex.assert_shape(
-            [mb["chosen_mask"], mb["rejected_tokens"], mb["rejected_mask"]], (B, T)
-        )
-        tokens = jnp.stack([mb["chosen_tokens"], mb["rejected_tokens"]], 1).reshape(2 * B, T)
-        mask = jnp.stack([mb["chosen_mask"], mb["rejected_mask"]], 1).reshape(2 * B, T)
+    def loss_fn(params: Any, mb: PreferenceBatch) -> tuple[jax.Array, jax.Array, Metrics]:
+        c, r = mb.chosen, mb.rejected
+        B, T = c.tokens.shape
+        chex.assert_shape([c.mask, r.tokens, r.mask], (B, T))
+        tokens = jnp.stack([c.tokens, r.tokens], 1).reshape(2 * B, T)
+        mask = jnp.stack([c.mask, r.mask], 1).reshape(2 * B, T)
         scores = jnp.asarray(score_fn(params, tokens.astype(jnp.int32), mask), jnp.float32)
         scores = scores.reshape(B, 2)
         losses, metrics = L.reward_model_loss_terms(scores[:, 0], scores[:, 1])
@@ -185,19 +164,20 @@ def reward_loss_fn(score_fn: Callable[[Any, jax.Array, jax.Array], jax.Array]) -
     return loss_fn
 
 
-def _split_micro_batches(batch: Batch, n: int, mesh: jax.sharding.Mesh, rules: Rules) -> Batch:
+def split_micro_batches(batch: Batch, n: int, mesh: jax.sharding.Mesh, rules: Rules) -> Batch:
     """[B, ...] -> [n, B/n, ...], micro-batch m = rows m, m+n, m+2n... (device-local slices)."""
 
-    def split(name: str, x: jax.Array) -> jax.Array:
+    def split(path: Any, x: jax.Array) -> jax.Array:
         if x.shape[0] % n:
             raise ConfigError(
-                f"train.micro_batches: {n} does not divide the batch size {x.shape[0]} ({name})"
+                f"train.micro_batches: {n} does not divide the batch size {x.shape[0]} "
+                f"(batch.{path_name(path)})"
             )
         y = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
         spec = logical_to_mesh_spec((None, "batch"), y.shape, mesh, rules)
         return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
 
-    return {name: split(name, x) for name, x in batch.items()}
+    return jax.tree_util.tree_map_with_path(split, batch)
 
 
 def _accumulate(
@@ -208,7 +188,7 @@ def _accumulate(
     if micro_batches == 1:
         (loss, (weight, metrics)), grads = grad_fn(params, batch)
         return loss, weight, metrics, grads
-    mbs = _split_micro_batches(batch, micro_batches, mesh, rules)
+    mbs = split_micro_batches(batch, micro_batches, mesh, rules)
 
     def body(carry, mb):
         (loss, (weight, metrics)), grads = grad_fn(params, mb)
@@ -236,6 +216,12 @@ def _global_norm(tree: Any) -> jax.Array:
     """L2 norm of all leaves together, in float32 (what clip_by_global_norm compares)."""
     leaves = jax.tree.leaves(tree)
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def signature(batch: Batch) -> tuple:
+    """What a compilation depends on: the batch's structure, shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(batch)
+    return treedef, tuple((jnp.shape(x), jnp.result_type(x).name) for x in leaves)
 
 
 class ShardedStep:
@@ -270,11 +256,11 @@ class ShardedStep:
             self.mesh, self.rules, activation_constraints=self.activation_constraints
         )
 
-    def batch_shardings(self, batch: Batch) -> dict[str, NamedSharding]:
-        return {k: batch_sharding(jnp.shape(v), self.mesh, self.rules) for k, v in batch.items()}
+    def batch_shardings(self, batch: Batch) -> Any:
+        return batch_shardings(batch, self.mesh, self.rules)
 
     def jitted(self, batch: Batch):
-        key = tuple(sorted((k, jnp.shape(v), jnp.result_type(v).name) for k, v in batch.items()))
+        key = signature(batch)
         if key not in self._compiled:
             self._compiled[key] = jax.jit(
                 self.fn,
@@ -285,14 +271,12 @@ class ShardedStep:
         return self._compiled[key]
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        batch = dict(batch)
         batch = jax.device_put(batch, self.batch_shardings(batch))
         with self._context():
             return self.jitted(batch)(state, batch)
 
     def lower(self, state: TrainState, batch: Batch):
         """The lowered computation (for cost analysis and HLO inspection)."""
-        batch = dict(batch)
         with self._context():
             return self.jitted(batch).lower(state, batch)
 
@@ -305,7 +289,7 @@ def make_step(
     mesh: jax.sharding.Mesh,
     *,
     micro_batches: int = 1,
-    weight_name: str = "pairs",
+    weight_name: str = M.PAIRS,
     rules: Rules = LOGICAL_AXIS_RULES,
     shardings: TrainState | None = None,
     donate: bool = True,
@@ -328,11 +312,11 @@ def make_step(
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         out = {k: v / denom for k, v in metrics.items()}
-        out["loss"] = loss / denom
+        out[M.LOSS] = loss / denom
         out[weight_name] = weight
-        out["grad_norm"] = _global_norm(grads)
+        out[M.GRAD_NORM] = _global_norm(grads)
         if schedule is not None:
-            out["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+            out[M.LEARNING_RATE] = jnp.asarray(schedule(state.step), jnp.float32)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
@@ -356,7 +340,7 @@ def make_preference_step(
     """The SELM (or DPO/IPO/XPO, per ``train.loss``) step; batch layout in the module docstring."""
     return make_step(
         preference_loss_fn(config, train), config, optimizer, make_schedule(train.optimizer), mesh,
-        micro_batches=train.micro_batches, weight_name="pairs", rules=rules, donate=donate,
+        micro_batches=train.micro_batches, weight_name=M.PAIRS, rules=rules, donate=donate,
         activation_constraints=activation_constraints,
     )
 
@@ -374,7 +358,7 @@ def make_sft_step(
     """Supervised fine-tuning step: mean NLL over all loss-masked tokens of the whole batch."""
     return make_step(
         sft_loss_fn(config), config, optimizer, make_schedule(train.optimizer), mesh,
-        micro_batches=train.micro_batches, weight_name="sft/tokens", rules=rules, donate=donate,
+        micro_batches=train.micro_batches, weight_name=M.SFT_TOKENS, rules=rules, donate=donate,
         activation_constraints=activation_constraints,
     )
 
@@ -404,96 +388,24 @@ def make_reward_model_step(
         shardings = state_shardings(config, optimizer, mesh, rules, head="reward")
     return make_step(
         reward_loss_fn(score_fn), config, optimizer, make_schedule(train.optimizer), mesh,
-        micro_batches=train.micro_batches, weight_name="pairs", rules=rules,
+        micro_batches=train.micro_batches, weight_name=M.PAIRS, rules=rules,
         shardings=shardings, donate=donate, activation_constraints=activation_constraints,
-    )
-
-
-class ReferenceFn:
-    """Jitted, sharded :func:`reference_logprobs`, micro-batched with ``lax.map``.
-
-    Params are moved to ``self.param_shardings`` on each call unless already there: place the
-    reference params once (``jax.device_put(params, fn.param_shardings)``) when calling it over
-    many batches.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        mesh: jax.sharding.Mesh,
-        *,
-        responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
-        micro_batches: int = 1,
-        rules: Rules = LOGICAL_AXIS_RULES,
-        activation_constraints: bool = ACTIVATION_CONSTRAINTS,
-    ):
-        self.config, self.mesh, self.rules = config, mesh, rules
-        self.activation_constraints = activation_constraints
-        self.responses, self.micro_batches = responses, micro_batches
-        self.param_shardings = params_shardings_for(config, mesh, rules)
-        self._compiled: dict[tuple, Any] = {}
-
-    def _fn(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-        if self.micro_batches == 1:
-            return reference_logprobs(params, self.config, batch, self.responses)
-        mbs = _split_micro_batches(batch, self.micro_batches, self.mesh, self.rules)
-        out = jax.lax.map(
-            lambda mb: reference_logprobs(params, self.config, mb, self.responses), mbs
-        )
-        # [n, B/n] back to [B] in the original row order (row i*n + m came from micro-batch m).
-        return {k: v.swapaxes(0, 1).reshape(-1) for k, v in out.items()}
-
-    def __call__(self, params: Any, batch: Batch) -> dict[str, jax.Array]:
-        batch = {
-            k: v for k, v in batch.items()
-            if any(k.startswith(f"{n}_") for n in self.responses)
-        }
-        shards = {k: batch_sharding(jnp.shape(v), self.mesh, self.rules) for k, v in batch.items()}
-        key = tuple(sorted((k, jnp.shape(v), jnp.result_type(v).name) for k, v in batch.items()))
-        if key not in self._compiled:
-            B = jnp.shape(next(iter(batch.values())))[0]
-            out_sh = batch_sharding((B,), self.mesh, self.rules)
-            self._compiled[key] = jax.jit(
-                self._fn, in_shardings=(self.param_shardings, shards), out_shardings=out_sh
-            )
-        batch = jax.device_put(batch, shards)
-        params = jax.device_put(params, self.param_shardings)
-        with with_mesh_rules(
-            self.mesh, self.rules, activation_constraints=self.activation_constraints
-        ):
-            return self._compiled[key](params, batch)
-
-
-def make_reference_fn(
-    config: ModelConfig,
-    mesh: jax.sharding.Mesh,
-    *,
-    responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
-    micro_batches: int = 1,
-    rules: Rules = LOGICAL_AXIS_RULES,
-    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
-) -> ReferenceFn:
-    """``fn(ref_params, batch) -> {"ref_<name>_logps": [B]}``, jitted with shardings on ``mesh``."""
-    return ReferenceFn(
-        config, mesh, responses=responses, micro_batches=micro_batches, rules=rules,
-        activation_constraints=activation_constraints,
     )
 
 
 __all__ = [
     "Batch",
     "LossFn",
-    "ReferenceFn",
     "ShardedStep",
     "make_preference_step",
-    "make_reference_fn",
     "make_reward_model_step",
     "make_sft_step",
     "make_step",
     "policy_logprobs",
     "preference_loss_fn",
-    "reference_logprobs",
     "responses_for",
+    "signature",
+    "split_micro_batches",
     "reward_loss_fn",
     "sft_loss_fn",
 ]

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from jaxselm import ConfigError
-from jaxselm.model import PRESETS, get_preset, param_logical_axes, param_shapes
+from jaxselm.model import PRESETS, get_preset, param_logical_axes, abstract_params
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_each_preset_builds_and_counts_its_params(name):
     cfg = get_preset(name)
-    shapes = param_shapes(cfg)  # eval_shape: no memory even for 8B
+    shapes = abstract_params(cfg)  # eval_shape: no memory even for 8B
     counted = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     assert counted == cfg.num_params()
     axes = param_logical_axes(cfg)
@@ -32,7 +32,7 @@ def test_each_preset_builds_and_counts_its_params(name):
 )
 def test_every_position_mode_counts_its_params(changes):
     cfg = get_preset("tiny", **changes)
-    shapes = param_shapes(cfg)
+    shapes = abstract_params(cfg)
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == cfg.num_params()
     if cfg.uses_absolute:
         assert shapes["pos_embed"].shape == (cfg.max_position_embeddings, cfg.hidden_size)
@@ -56,7 +56,7 @@ def test_published_parameter_counts():
 
 def test_reward_head_param_count():
     cfg = get_preset("tiny")
-    shapes = param_shapes(cfg, head="reward")
+    shapes = abstract_params(cfg, head="reward")
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == cfg.num_params(head="reward")
 
 

@@ -119,7 +119,13 @@ def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["train-rm", "--config", str(cfg), "--steps", "3"]) == 0
     assert (run / "reward_model" / "params").is_dir()
-    assert "reward model: 3 steps" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reward model: 3 steps" in printed
+    # The printed accuracy is the last step's Bradley-Terry accuracy (it once printed "nan").
+    accuracy = float(printed.split("accuracy ")[1].split(";")[0])
+    rm = [json.loads(x) for x in (run / "reward_model" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rm) == 3 and 0.0 <= accuracy <= 1.0
+    assert accuracy == pytest.approx(rm[-1]["rm/accuracy"], abs=5e-4)
     # The fitted reward model as the judge (a whole-section override replaces the judge spec).
     rm_judge = f"judge={{kind: reward_model, checkpoint: {run / 'reward_model' / 'params'}}}"
     assert main(["eval", "--config", str(cfg), "--checkpoint", str(run / "policy" / "iter_01"),

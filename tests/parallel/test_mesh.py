@@ -23,7 +23,7 @@ from jaxselm.parallel import (
     resolve_mesh_shape,
 )
 from jaxselm.train.optimizer import OptimizerConfig, make_optimizer
-from jaxselm.train.state import abstract_params
+from jaxselm.model import abstract_params
 
 
 @pytest.mark.parametrize(

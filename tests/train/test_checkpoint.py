@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 
 from jaxselm.errors import CheckpointError
-from jaxselm.model import get_preset, init_params
+from jaxselm.model import abstract_params, get_preset, init_params
 from jaxselm.parallel import make_mesh, single_device_mesh
 from jaxselm.train import (
     Checkpointer,
     OptimizerConfig,
-    abstract_params,
     abstract_train_state,
     create_train_state,
     load_params,

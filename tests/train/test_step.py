@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxselm.data.packing import LogProbs, PreferenceBatch, Sequences, SFTBatch
 from jaxselm.errors import ConfigError
 from jaxselm.model import forward, get_preset, init_params, reward_scores
 from jaxselm.parallel import make_mesh, single_device_mesh
@@ -53,7 +54,7 @@ TRAIN = TrainConfig(loss="selm", beta=0.1, alpha=0.05, optimizer=OPT)
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
 
-def make_batch(seed: int, batch: int = B, length: int = T) -> dict[str, np.ndarray]:
+def make_batch(seed: int, batch: int = B, length: int = T) -> PreferenceBatch:
     """Preference rows with varied prompt/response lengths; even rows right-, odd left-padded."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
@@ -68,9 +69,8 @@ def make_batch(seed: int, batch: int = B, length: int = T) -> dict[str, np.ndarr
             tokens[b, start:start + p + r] = rng.integers(1, CFG.vocab_size, p + r)
             mask[b, start:start + p + r] = 1
             loss_mask[b, start + p:start + p + r] = 1
-        out[f"{name}_tokens"], out[f"{name}_mask"] = tokens, mask
-        out[f"{name}_loss_mask"] = loss_mask
-    return out
+        out[name] = Sequences(tokens=tokens, mask=mask, loss_mask=loss_mask)
+    return PreferenceBatch(**out)
 
 
 # Eager flax applies are slow (every op dispatched); reference computations run jitted.
@@ -83,10 +83,10 @@ def direct_ref_logprobs(params, batch):
     """Per-response forward + sequence_logprobs, one response at a time (no interleaving)."""
     out = {}
     for name in ("chosen", "rejected", "refresp"):
-        logits = forward(params, CFG, batch[f"{name}_tokens"], batch[f"{name}_mask"])
-        out[f"ref_{name}_logps"] = L.sequence_logprobs(
-            logits, batch[f"{name}_tokens"], batch[f"{name}_loss_mask"])
-    return out
+        seqs = getattr(batch, name)
+        logits = forward(params, CFG, seqs.tokens, seqs.mask)
+        out[name] = L.sequence_logprobs(logits, seqs.tokens, seqs.loss_mask)
+    return LogProbs(**out)
 
 
 def mesh_of(shape):
@@ -131,9 +131,9 @@ def runs(batch, params0):
         else:
             state = shard_train_state(host_state, CFG, tx, mesh)
         step = make_preference_step(CFG, TRAIN, tx, mesh)
-        state, m1 = step(state, {**batch, **ref})
+        state, m1 = step(state, batch.replace(ref_logps=ref))
         params1 = to_np(state.params)
-        state, m2 = step(state, {**batch, **ref})
+        state, m2 = step(state, batch.replace(ref_logps=ref))
         out[shape] = dict(
             ref=to_np(ref), metrics1=to_np(m1), params1=params1, metrics2=to_np(m2),
             params2=to_np(state.params), step=int(state.step),
@@ -178,8 +178,8 @@ def test_selm_step_loss_matches_direct_computation(runs, pol0):
     pol = pol0
     ref = runs[None]["ref"]
     loss, metrics = L.selm_loss(
-        pol["chosen"], pol["rejected"], ref["ref_chosen_logps"], ref["ref_rejected_logps"],
-        pol["refresp"], ref["ref_refresp_logps"], beta=TRAIN.beta, alpha=TRAIN.alpha,
+        pol["chosen"], pol["rejected"], ref.chosen, ref.rejected,
+        pol["refresp"], ref.refresp, beta=TRAIN.beta, alpha=TRAIN.alpha,
     )
     np.testing.assert_allclose(runs[None]["metrics1"]["loss"], loss, rtol=RTOL, atol=ATOL)
     for key, value in metrics.items():
@@ -211,12 +211,12 @@ def test_gradient_accumulation_equals_big_batch(runs, batch, params0):
     tx = make_optimizer(OPT)
     state = shard_train_state(to_np(create_train_state(params0, tx)), CFG, tx, mesh)
     step = make_preference_step(CFG, TRAIN.replace(micro_batches=4), tx, mesh)
-    state, metrics = step(state, {**batch, **runs[shape]["ref"]})
+    state, metrics = step(state, batch.replace(ref_logps=runs[shape]["ref"]))
     chex.assert_trees_all_close(to_np(metrics), runs[shape]["metrics1"], rtol=RTOL, atol=ATOL)
     chex.assert_trees_all_close(to_np(state.params), runs[shape]["params1"], rtol=RTOL, atol=ATOL)
     with pytest.raises(ConfigError, match="train.micro_batches"):
         make_preference_step(CFG, TRAIN.replace(micro_batches=3), tx, mesh)(
-            state, {**batch, **runs[shape]["ref"]})
+            state, batch.replace(ref_logps=runs[shape]["ref"]))
 
 
 @pytest.mark.parametrize("shape, micro", [((2, 2, 2), 1), ((8, 1, 1), 2)])
@@ -226,7 +226,7 @@ def test_reference_fn_matches_forward(runs, batch, shape, micro):
         got = runs[None]["ref"]  # computed by the fixture on (2, 2, 2)
     else:
         got = make_reference_fn(CFG, make_mesh(shape), micro_batches=micro)(params, batch)
-        assert got["ref_chosen_logps"].sharding.spec == P(("data", "fsdp"))
+        assert got.chosen.sharding.spec == P(("data", "fsdp"))
     chex.assert_trees_all_close(to_np(got), to_np(direct_ref_logprobs(params, batch)),
                                 rtol=RTOL, atol=ATOL)
 
@@ -239,13 +239,13 @@ def test_other_preference_losses(loss, runs, batch, params0, pol0):
     state = shard_train_state(to_np(create_train_state(params0, tx)), CFG, tx, mesh)
     ref = runs[None]["ref"]
     if loss == "xpo":  # y_ref's policy log-prob but no reference one
-        ref = {k: v for k, v in ref.items() if k != "ref_refresp_logps"}
-        step_batch = {**batch, **ref}
+        ref = ref.replace(refresp=None)
+        step_batch = batch.replace(ref_logps=ref)
     else:  # pairs only: no y_ref in the batch at all
-        step_batch = {k: v for k, v in {**batch, **ref}.items() if "refresp" not in k}
+        step_batch = batch.replace(refresp=None, ref_logps=ref.replace(refresp=None))
     _, metrics = make_preference_step(CFG, train, tx, mesh)(state, step_batch)
     pol = pol0
-    args = (pol["chosen"], pol["rejected"], ref["ref_chosen_logps"], ref["ref_rejected_logps"])
+    args = (pol["chosen"], pol["rejected"], ref.chosen, ref.rejected)
     if loss == "dpo":
         want, _ = L.dpo_loss(*args, beta=train.beta)
     elif loss == "ipo":
@@ -255,18 +255,16 @@ def test_other_preference_losses(loss, runs, batch, params0, pol0):
     np.testing.assert_allclose(metrics["loss"], want, rtol=RTOL, atol=ATOL)
 
 
-def _sft_batch(seed: int):
-    b = make_batch(seed)
-    return {"tokens": b["chosen_tokens"], "mask": b["chosen_mask"],
-            "loss_mask": b["chosen_loss_mask"]}
+def _sft_batch(seed: int) -> SFTBatch:
+    return make_batch(seed).chosen
 
 
 def test_sft_step_and_accumulation(params0):
     sft = _sft_batch(3)
     tx = make_optimizer(OPT)
     mesh = make_mesh((1, 2, 1), devices=jax.devices()[:2])
-    want, _ = jax.jit(lambda p, b: L.sft_loss(forward(p, CFG, b["tokens"], b["mask"]),
-                                              b["tokens"], b["loss_mask"]))(params0, sft)
+    want, _ = jax.jit(lambda p, b: L.sft_loss(forward(p, CFG, b.tokens, b.mask),
+                                              b.tokens, b.loss_mask))(params0, sft)
     results = []
     for micro in (1, 4):
         state = shard_train_state(to_np(create_train_state(params0, tx)), CFG, tx, mesh)
@@ -274,15 +272,14 @@ def test_sft_step_and_accumulation(params0):
             state, sft)
         results.append((to_np(metrics), to_np(state.params)))
         np.testing.assert_allclose(metrics["loss"], want, rtol=RTOL, atol=ATOL)
-        assert metrics["sft/tokens"] == sft["loss_mask"][:, 1:].sum()
+        assert metrics["sft/tokens"] == sft.loss_mask[:, 1:].sum()
     # Token-weighted accumulation: micro-batches with different token counts still match.
     chex.assert_trees_all_close(results[0], results[1], rtol=RTOL, atol=ATOL)
 
 
 def test_reward_model_step():
     b = make_batch(4)
-    rm_batch = {k: b[k] for k in ("chosen_tokens", "chosen_mask", "rejected_tokens",
-                                  "rejected_mask")}
+    rm_batch = b.replace(refresp=None)
     tx = make_optimizer(OPT)
     mesh = make_mesh((2, 4, 1))
     state = init_train_state(CFG, tx, jax.random.key(2), mesh, head="reward")
@@ -291,8 +288,8 @@ def test_reward_model_step():
     @jax.jit
     def direct(p, b):
         return L.reward_model_loss(
-            reward_scores(p, CFG, b["chosen_tokens"], b["chosen_mask"]),
-            reward_scores(p, CFG, b["rejected_tokens"], b["rejected_mask"]),
+            reward_scores(p, CFG, b.chosen.tokens, b.chosen.mask),
+            reward_scores(p, CFG, b.rejected.tokens, b.rejected.mask),
         )
 
     want, _ = direct(params, rm_batch)
@@ -310,7 +307,7 @@ def test_bf16_compute_keeps_fp32_master_weights(runs, batch, params0):
     mesh = single_device_mesh()
     state = shard_train_state(to_np(create_train_state(params0, tx)), cfg, tx, mesh)
     step = make_preference_step(cfg, TRAIN, tx, mesh)
-    state, metrics = step(state, {**batch, **runs[None]["ref"]})
+    state, metrics = step(state, batch.replace(ref_logps=runs[None]["ref"]))
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     assert metrics["loss"].dtype == jnp.float32
     # bf16 matmuls (8-bit mantissa) move summed log-probs by ~1e-2 relative.

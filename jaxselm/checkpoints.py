@@ -1,0 +1,126 @@
+"""The one checkpoint loader: any model directory a user points jaxselm at -> (ModelConfig, params).
+
+    from jaxselm.checkpoints import load_checkpoint
+    cfg, params = load_checkpoint("runs/demo/policy/iter_03")            # a jaxselm params export
+    cfg, params = load_checkpoint("/ckpt/Meta-Llama-3-8B-Instruct", mesh=mesh)   # an HF directory
+
+Kinds, recognised from the files (:func:`checkpoint_kind`):
+
+* ``hf``: ``config.json`` + safetensors (LlamaForCausalLM / MistralForCausalLM, or a
+  LlamaForSequenceClassification reward model), read by :func:`jaxselm.hf.load_hf_checkpoint`;
+* ``export``: a jaxselm params export (orbax; ``policy/iter_NN`` of a run, ``jaxselm convert``,
+  ``jaxselm train-rm``), which carries its model config in its metadata
+  (:func:`jaxselm.train.save_params`); an export written without one needs ``model_config``.
+
+``model_config``, when given, is what the caller expects (the run config's model section): a
+checkpoint that describes another network is refused with a one-line error naming the first key
+that differs; the runtime fields (dtypes, CoPE implementation, remat) are taken from
+``model_config`` and the parameters cast to its ``param_dtype``. A training checkpoint directory
+(orbax steps of a train state) is not a model: it is named as such in the error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+
+from jaxselm.errors import CheckpointError
+from jaxselm.hf import hf_architecture, hf_config_to_model_config, load_hf_checkpoint, read_hf_config
+from jaxselm.model import ModelConfig, abstract_params
+from jaxselm.model.config import RUNTIME_FIELDS
+from jaxselm.train.checkpoint import export_metadata, load_params
+from jaxselm.train.state import params_shardings_for
+
+Kind = Literal["hf", "export"]
+Head = Literal["lm", "reward"]
+
+
+def checkpoint_kind(path: str | os.PathLike) -> Kind:
+    """What ``path`` holds; a one-line CheckpointError when it is no model checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: not found")
+    if p.is_file():
+        raise CheckpointError(f"{p}: is a file; expected a checkpoint directory")
+    if (p / "config.json").is_file():
+        return "hf"
+    if (p / "_CHECKPOINT_METADATA").is_file() or (p / "_METADATA").is_file():
+        return "export"
+    if any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
+        raise CheckpointError(
+            f"{p}: a training checkpoint directory (numbered steps of a train state), not a model "
+            "export; use the run's policy/iter_NN (or an HF directory)"
+        )
+    raise CheckpointError(
+        f"{p}: neither an HF checkpoint (config.json + safetensors) nor a jaxselm params export"
+    )
+
+
+def check_same_model(expected: ModelConfig, found: ModelConfig, where: str) -> None:
+    """One-line error naming the first architecture key in which ``found`` differs."""
+    diff = expected.architecture_differences(found)
+    if diff:
+        key = diff[0]
+        raise CheckpointError(
+            f"{where}: the checkpoint's {key} is {getattr(found, key)!r} but the run config's "
+            f"model.{key} is {getattr(expected, key)!r}"
+            + (f" (and {len(diff) - 1} more keys differ)" if len(diff) > 1 else "")
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    head: Head | None = "lm",
+    model_config: ModelConfig | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[ModelConfig, Any]:
+    """``(ModelConfig, params)`` of an HF directory or a jaxselm params export.
+
+    head: "lm" or "reward" (refused if the checkpoint has the other), or None for whichever it
+        has (an HF CausalLM or SequenceClassification; an export says which).
+    mesh: params are placed with the rule table's shardings on it (default: one device).
+    """
+    where = os.fspath(path)
+    kind = checkpoint_kind(path)
+    if kind == "hf":
+        cfg = read_model_config(path)
+        found_head = hf_architecture(read_hf_config(path), source=f"{where}/config.json")[1]
+    else:
+        meta = export_metadata(path)
+        if meta is None and model_config is None:
+            raise CheckpointError(
+                f"{where}: this params export carries no model config; give the run config's "
+                "model section (--config)"
+            )
+        cfg, found_head = meta if meta is not None else (model_config, head or "lm")
+    if head is not None and found_head != head:
+        raise CheckpointError(f"{where}: has a {found_head!r} head, expected {head!r}")
+    if model_config is not None:
+        check_same_model(model_config, cfg, where)
+        cfg = cfg.replace(**{k: getattr(model_config, k) for k in RUNTIME_FIELDS})
+    if mesh is not None:
+        shardings = params_shardings_for(cfg, mesh, head=found_head)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_params(cfg, head=found_head))
+    if kind == "hf":
+        dtype = None if model_config is None else cfg.param_dtype
+        cfg_loaded, params = load_hf_checkpoint(path, head=found_head, dtype=dtype,
+                                                shardings=shardings)
+        return (cfg_loaded if model_config is None else cfg), params
+    return cfg, load_params(path, abstract_params(cfg, head=found_head, shardings=shardings))
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig | None:
+    """The model config a checkpoint describes, without reading its weights (None: an export
+    saved without one)."""
+    if checkpoint_kind(path) == "hf":
+        return hf_config_to_model_config(read_hf_config(path), source=f"{path}/config.json")
+    meta = export_metadata(path)
+    return None if meta is None else meta[0]
+
+

@@ -1,0 +1,162 @@
+"""What every phase of a run shares: config, model, tokenizer, prompts, judge, mesh and the folder.
+
+    ctx = RunContext.create(cfg)                  # validates everything before any work
+    ctx.iter_dir(1), ctx.policy_dir(1)            # runs/demo/iter_01, runs/demo/policy/iter_01
+    params = ctx.load_policy(0)                   # laid out on ctx.mesh
+
+Everything a user can get wrong (tokenizer, judge spec, mesh, prompts file) fails here, in
+:meth:`RunContext.create`, before the run folder is touched. Files of the run folder are process
+0's: :meth:`RunContext.write_json` / :meth:`RunContext.write_arrays` write there and every
+process waits until the file is in place (a barrier), so ``output_dir`` must be on storage all
+hosts share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxselm.checkpoints import load_checkpoint, read_model_config
+from jaxselm.data.tokenizer import Tokenizer
+from jaxselm.errors import CheckpointError, ConfigError
+from jaxselm.feedback import Judge, RewardModelJudgeConfig, make_judge
+from jaxselm.files import write_arrays, write_json
+from jaxselm.model import ModelConfig
+from jaxselm.online.config import RunConfig
+from jaxselm.online.metrics import MetricsWriter
+from jaxselm.online.prompts import PromptSet, build_tokenizer
+from jaxselm.parallel.mesh import make_mesh, single_device_mesh
+from jaxselm.parallel.multihost import any_process, barrier, is_primary
+from jaxselm.preemption import Preempted
+from jaxselm.train import ReferenceFn, make_reference_fn, params_shardings_for, save_params
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log function of processes other than 0."""
+
+
+@dataclasses.dataclass
+class RunContext:
+    cfg: RunConfig
+    tokenizer: Tokenizer
+    prompts: PromptSet
+    mesh: jax.sharding.Mesh
+    judge: Judge | None
+    log: Callable[..., None] = print
+    metrics: MetricsWriter | None = None
+    stop: Callable[[], bool] = lambda: False  # SIGTERM seen (set by the orchestrator)
+    _reference_fns: dict[tuple[str, ...], ReferenceFn] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def create(cls, cfg: RunConfig, *, with_judge: bool = True, log=print) -> RunContext:
+        model = cfg.model
+        tok = build_tokenizer(cfg)
+        if tok.vocab_size > model.vocab_size:
+            raise ConfigError(f"model.vocab_size: {model.vocab_size} is smaller than the "
+                              f"tokenizer's {tok.vocab_size} tokens")
+        # Built before any work: a bad judge spec (import, env var, checkpoint) fails at once.
+        judge = build_judge(cfg, tok) if with_judge else None
+        mesh = make_mesh(cfg.mesh)
+        prompts = PromptSet(cfg, tok, Path(cfg.run.output_dir))
+        return cls(cfg=cfg, tokenizer=tok, prompts=prompts, mesh=mesh, judge=judge,
+                   log=log if is_primary() else _quiet)
+
+    # -- shortcuts ---------------------------------------------------------------------------
+    @property
+    def model(self) -> ModelConfig:
+        return self.cfg.model
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.run.output_dir)
+
+    @property
+    def key(self) -> jax.Array:
+        return jax.random.key(self.cfg.run.seed)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        eos = self.tokenizer.eos_id
+        return () if eos is None else (eos,)
+
+    @functools.cached_property
+    def params_sharding(self) -> Any:
+        return params_shardings_for(self.model, self.mesh)
+
+    def iter_dir(self, t: int) -> Path:
+        return self.out / f"iter_{t:02d}"
+
+    def policy_dir(self, t: int) -> Path:
+        return self.out / "policy" / f"iter_{t:02d}"
+
+    def text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def rng(self, *stream: int) -> np.random.Generator:
+        """A host RNG for one decision of the run (e.g. ``rng(t, 0x7A1)``: iteration t's order)."""
+        return np.random.default_rng([self.cfg.run.seed, *stream])
+
+    def reference_fn(self, names: tuple[str, ...]) -> ReferenceFn:
+        """The jitted log-prob function of responses ``names`` (built once per run)."""
+        if names not in self._reference_fns:
+            self._reference_fns[names] = make_reference_fn(self.model, self.mesh, responses=names)
+        return self._reference_fns[names]
+
+    def check_stop(self) -> None:
+        """Raise Preempted on every process when any process saw SIGTERM."""
+        if any_process(self.stop()):
+            raise Preempted()
+
+    # -- files -------------------------------------------------------------------------------
+    def write_json(self, path: Path, obj: Any) -> None:
+        """Process 0 writes; every process waits until the file is there."""
+        if is_primary():
+            write_json(path, obj)
+        barrier(f"write {path}")
+
+    def write_arrays(self, path: Path, arrays: dict[str, np.ndarray]) -> None:
+        if is_primary():
+            write_arrays(path, arrays)
+        barrier(f"write {path}")
+
+    def save_policy(self, t: int, params: Any) -> None:
+        """The policy after iteration t, with its model config (collective with several hosts)."""
+        save_params(self.policy_dir(t), params, model_config=self.model, overwrite=True)
+        barrier(f"policy {t}")
+
+    def load_policy(self, t: int) -> Any:
+        return self.load_params(self.policy_dir(t))
+
+    def load_params(self, path: str | Path) -> Any:
+        """An LM checkpoint of any kind, checked against the run's model, laid out on the mesh."""
+        return load_checkpoint(path, model_config=self.model, mesh=self.mesh)[1]
+
+
+def build_judge(cfg: RunConfig, tokenizer: Tokenizer) -> Judge:
+    """The run's judge; a reward-model judge's checkpoint (an HF LlamaForSequenceClassification
+    directory, or a `jaxselm train-rm` export) is loaded here."""
+    jc = cfg.judge
+    if not isinstance(jc, RewardModelJudgeConfig):
+        return make_judge(jc)
+    if jc.checkpoint is None:
+        raise ConfigError("judge.checkpoint: the reward_model judge needs a checkpoint directory")
+    # With several processes each loads its own copy onto its first local device (only process
+    # 0 calls the judge; jax.devices()[0], the default, belongs to process 0 alone).
+    mesh = single_device_mesh(jax.local_devices()[0]) if jax.process_count() > 1 else None
+    try:
+        # An export saved without its model config is one of this run's model.
+        own = cfg.model if read_model_config(jc.checkpoint) is None else None
+        rm_cfg, params = load_checkpoint(jc.checkpoint, head="reward", model_config=own, mesh=mesh)
+    except CheckpointError as err:
+        raise CheckpointError(f"judge.checkpoint: {err}") from None
+    return make_judge(jc, params=params, model_config=rm_cfg, tokenizer=tokenizer,
+                      pad_id=tokenizer.pad_id)

@@ -1,0 +1,273 @@
+"""The phases of a run, each a function of typed inputs that writes its output file atomically.
+
+    params = initial_params(ctx)                         # random init or init.checkpoint
+    params = sft(ctx, params)                            # sft/ckpt, metrics "sft"
+    gen = generate(ctx, t, pi_ref)                       # iter_t/generate.safetensors
+    judge(ctx, t, gen)                                   # iter_t/judge.json (process 0)
+    pairs = load_pairs(ctx, t)                           # PairSet: judge.json's pairs as ids
+    ref = reference(ctx, t, pairs, pi_ref)               # iter_t/reference.safetensors
+    params = train(ctx, t, pairs, ref, pi_ref)           # iter_t/ckpt, metrics "train"
+    ctx.save_policy(t, params)                           # policy/iter_t
+
+(evaluation: :mod:`jaxselm.online.evaluation`). Phases decide nothing about resuming: the
+orchestrator (:mod:`jaxselm.online.loop`) skips a phase whose output exists and otherwise runs it
+from its start (generation and judging, with the same keys) or from its last checkpoint
+(training, through :class:`~jaxselm.train.driver.TrainLoop`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxselm.data.packing import (
+    SEQUENCE_MULTIPLE,
+    LogProbs,
+    bucket_length,
+    pack_sequences,
+    take_rows,
+)
+from jaxselm.errors import DataError
+from jaxselm.feedback import build_pairs
+from jaxselm.files import read_arrays, read_json, write_json
+from jaxselm.metric_names import samples_name
+from jaxselm.model import init_params
+from jaxselm.online.context import RunContext
+from jaxselm.online.metrics import distinct_n
+from jaxselm.online.pairs import PairSet, pair_to_json
+from jaxselm.online.prompts import text_of
+from jaxselm.online.rollout import Generation, rollout, share_records, shared_records
+from jaxselm.parallel.multihost import (
+    barrier,
+    is_primary,
+    local_batch_rows,
+    make_global_batch,
+    process_max,
+    to_host,
+)
+from jaxselm.preemption import fault_point
+from jaxselm.train import make_optimizer, make_preference_step, make_sft_step
+from jaxselm.train.driver import TrainLoop, progress
+from jaxselm.train.step import responses_for
+
+GENERATE, JUDGE, REFERENCE = "generate.safetensors", "judge.json", "reference.safetensors"
+JUDGE_CHUNK = 256  # responses per judge call (whole prompts: a pairwise judge ranks them together)
+
+
+def initial_params(ctx: RunContext) -> Any:
+    """The starting policy: ``init.checkpoint`` (checked against the model section) or random."""
+    path = ctx.cfg.init.checkpoint
+    if path is not None:
+        return ctx.load_params(path)
+    init = jax.jit(lambda k: init_params(ctx.model, k), out_shardings=ctx.params_sharding)
+    return init(jax.random.fold_in(ctx.key, 0))
+
+
+def sft(ctx: RunContext, params: Any) -> Any:
+    """The warm start: ``sft.steps`` next-token steps on demonstrations (each host reads only the
+    demonstrations of the rows its devices hold)."""
+    cfg, s = ctx.cfg, ctx.cfg.sft
+    n = ctx.prompts.demonstration_count()
+    rng = ctx.rng(0x5F7)
+    order = np.concatenate([rng.permutation(n)
+                            for _ in range(math.ceil(s.steps * s.batch_size / n) + 1)])
+    mine = local_batch_rows(s.batch_size, ctx.mesh)
+    rows_of = [order[i * s.batch_size : (i + 1) * s.batch_size][mine] for i in range(s.steps)]
+    wanted = sorted(set(np.concatenate(rows_of).tolist())) if rows_of else []
+    demos = dict(zip(wanted, ctx.prompts.demonstrations(wanted)))
+    longest = process_max(max((len(d["prompt_ids"]) + len(d["response_ids"])
+                               for d in demos.values()), default=1))
+    limit = ctx.model.max_position_embeddings
+    if longest > limit:
+        raise DataError(f"sft: a demonstration has {longest} tokens (prompt + response), over the "
+                        f"model context model.max_position_embeddings={limit}; lower "
+                        "data.max_prompt_tokens or online.max_new_tokens")
+    length = bucket_length(longest, multiple=SEQUENCE_MULTIPLE)
+    opt = cfg.train.optimizer.replace(learning_rate=s.learning_rate, total_steps=s.steps)
+    tx = make_optimizer(opt)
+    step = make_sft_step(ctx.model, cfg.train.replace(optimizer=opt), tx, ctx.mesh)
+
+    def batch_at(i: int):
+        local = [demos[int(r)] for r in rows_of[i]]
+        seqs = pack_sequences([d["prompt_ids"] for d in local], [d["response_ids"] for d in local],
+                              ctx.pad_id, length=length)
+        return make_global_batch(seqs, ctx.mesh, s.batch_size)
+
+    loop = _train_loop(ctx, step, s.steps, "sft", ctx.out / "sft" / "ckpt", {"phase": "sft"})
+    loop.add_hook(lambda i, m: ctx.metrics.write("sft", i, to_host(m), iteration=0, iter_step=i),
+                  every=25)
+    return loop.run(lambda: params, tx, batch_at).params
+
+
+def generate(ctx: RunContext, t: int, params: Any) -> Generation:
+    """``online.samples_per_prompt`` responses of the policy to each prompt of iteration t."""
+    o = ctx.cfg.online
+    d = ctx.iter_dir(t)
+    gen, recs = rollout(ctx, params, ctx.prompts.iteration_size(t),
+                        lambda pos: ctx.prompts.iteration(t, pos),
+                        key=jax.random.fold_in(jax.random.fold_in(ctx.key, t), 1),
+                        n=o.samples_per_prompt, greedy=o.greedy, temperature=o.temperature,
+                        desc=f"iter {t} generate", preemptible=True)
+    share_records(d / "prompts", recs)  # before generate.safetensors: resume reads both
+    fault_point(f"iter{t}/generate")
+    gen.save(d / GENERATE, ctx)
+    return gen
+
+
+def judge(ctx: RunContext, t: int, gen: Generation) -> None:
+    """Score every response, build best-vs-worst pairs, write judge.json. The judge runs on
+    process 0 only (one set of judge calls, one answer even for a judge that is not
+    deterministic); the others wait for the file."""
+    if is_primary():
+        recs = shared_records(ctx.iter_dir(t) / "prompts", ctx.prompts.iteration_size(t))
+        write_json(ctx.iter_dir(t) / JUDGE, _judge_records(ctx, t, gen, recs))
+    barrier(f"write {ctx.iter_dir(t) / JUDGE}")
+
+
+def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -> dict[str, Any]:
+    o, judge = ctx.cfg.online, ctx.judge
+    p, n = gen.lengths.shape
+    responses = gen.responses()
+    texts = [ctx.text(r) for r in responses]
+    prompts = [r["prompt"] for r in recs for _ in range(n)]
+    judge.reset_stats()
+    scores = np.full(p * n, np.nan)
+    chunk = n * max(1, JUDGE_CHUNK // n)
+    for s in progress(range(0, p * n, chunk), total=math.ceil(p * n / chunk),
+                      desc=f"iter {t} judge", enabled=ctx.cfg.run.progress):
+        scores[s : s + chunk] = judge.score(prompts[s : s + chunk], texts[s : s + chunk])
+    fault_point(f"iter{t}/judge")
+    scores = scores.reshape(p, n)
+    ds_chosen = ds_rejected = ds_scores = None
+    if o.include_dataset_responses and recs and "chosen" in recs[0]:
+        ds_chosen = [str(r.get("chosen") or "") for r in recs]
+        ds_rejected = [str(r.get("rejected") or "") for r in recs]
+        ds = judge.score([r["prompt"] for r in recs] * 2, ds_chosen + ds_rejected)
+        ds_scores = np.stack([ds[:p], ds[p:]], axis=1)
+    eos = gen.finish == 0
+    pairs, stats = build_pairs(
+        [r["prompt"] for r in recs], [[i * n + j for j in range(n)] for i in range(p)], scores,
+        dataset_chosen=ds_chosen, dataset_rejected=ds_rejected, dataset_scores=ds_scores,
+        min_margin=o.min_margin, no_eos_penalty=o.no_eos_penalty, eos_flags=eos,
+        refresp_choice=o.refresp, rng=ctx.rng(t, 0xFA1),
+    )
+    stats = {**stats, "distinct_1": distinct_n(responses, 1),
+             "distinct_2": distinct_n(responses, 2),
+             "sample_length": float(np.mean(gen.lengths)), "eos_rate": float(np.mean(eos)),
+             **{f"judge_{k}": v for k, v in judge.stats().items()}}
+    return {"scores": np.where(np.isnan(scores), None, scores).tolist(),
+            "pairs": [pair_to_json(x) for x in pairs], "stats": stats}
+
+
+def judge_stats(ctx: RunContext, t: int) -> dict[str, float]:
+    """Iteration t's generation and judging statistics, named for the iteration record."""
+    stats = read_json(ctx.iter_dir(t) / JUDGE)["stats"]
+    return {samples_name(k): v for k, v in stats.items() if isinstance(v, (int, float))}
+
+
+def offline_pairs(ctx: RunContext, t: int, ref_params: Any) -> None:
+    """Offline training's data: y_ref = the start policy's greedy response to every training
+    row (each host generates for the rows its devices hold), and judge.json's pairs = the rows'
+    own (chosen, rejected), written by process 0 from the records the hosts shared."""
+    d = ctx.iter_dir(t)
+    n = ctx.prompts.training_size()
+    if not (d / GENERATE).exists():
+        gen, recs = rollout(ctx, ref_params, n, ctx.prompts.training_rows,
+                            key=jax.random.fold_in(ctx.key, 11), n=1, greedy=True,
+                            temperature=1.0, desc="y_ref (greedy)", preemptible=True)
+        share_records(d / "prompts", recs)
+        gen.save(d / GENERATE, ctx)
+    if not (d / JUDGE).exists():
+        if is_primary():
+            recs = shared_records(d / "prompts", n)
+            pairs = [{"prompt_index": i, "chosen": text_of(r["chosen"]),
+                      "rejected": text_of(r["rejected"]), "refresp": i, "chosen_score": 1.0,
+                      "rejected_score": 0.0}
+                     for i, r in enumerate(recs) if r.get("chosen") and r.get("rejected")]
+            write_json(d / JUDGE, {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
+        barrier(f"write {d / JUDGE}")
+    if not read_json(d / JUDGE)["pairs"]:
+        raise DataError(f"{ctx.cfg.data.prompts_path}: no rows with both chosen and rejected")
+
+
+def load_pairs(ctx: RunContext, t: int) -> PairSet:
+    """Iteration t's pairs (judge.json) over its generated token ids (generate.safetensors)."""
+    gen = Generation.load(ctx.iter_dir(t) / GENERATE)
+    return PairSet(read_json(ctx.iter_dir(t) / JUDGE)["pairs"], gen.prompt_ids(),
+                   gen.responses(), ctx.prompts.encode_response, ctx.pad_id)
+
+
+def sequence_logprobs(ctx: RunContext, params: Any, pairs: PairSet,
+                      names: tuple[str, ...]) -> LogProbs:
+    """Summed log-probs under ``params`` of the responses ``names`` of every pair, in fixed-size
+    global batches of ``online.batch_size`` (the last one wraps around; those rows are dropped)."""
+    fn = ctx.reference_fn(names)
+    bs, n = ctx.cfg.online.batch_size, len(pairs)
+    mine = local_batch_rows(bs, ctx.mesh)
+    out = {k: np.zeros(n, np.float32) for k in names}
+    for s in range(0, n, bs):
+        rows = (np.arange(s, s + bs) % n)[mine]
+        res = to_host(fn(params, make_global_batch(pairs.batch(rows, names), ctx.mesh, bs)))
+        real = min(bs, n - s)
+        for k in names:
+            out[k][s : s + real] = np.asarray(getattr(res, k))[:real]
+    return LogProbs(**out)
+
+
+def reference(ctx: RunContext, t: int, pairs: PairSet, ref_params: Any) -> LogProbs:
+    """pi_ref's log-probs of the responses the loss needs, once per iteration."""
+    ref = sequence_logprobs(ctx, ref_params, pairs, responses_for(ctx.cfg.train.loss))
+    arrays = {f.name: getattr(ref, f.name) for f in dataclasses.fields(ref)
+              if getattr(ref, f.name) is not None}
+    ctx.write_arrays(ctx.iter_dir(t) / REFERENCE, arrays)
+    return ref
+
+
+def load_reference(ctx: RunContext, t: int) -> LogProbs:
+    return LogProbs(**read_arrays(ctx.iter_dir(t) / REFERENCE))
+
+
+def train(ctx: RunContext, t: int, pairs: PairSet, ref: LogProbs, ref_params: Any) -> Any:
+    """``online.epochs`` passes of the preference loss over the pairs, from pi_ref, with a fresh
+    optimizer and iteration t's learning rate and alpha; the new policy's params."""
+    cfg, o = ctx.cfg, ctx.cfg.online
+    n = len(pairs)
+    if n == 0:
+        ctx.log(f"iteration {t}: no preference pairs (all ties?) - policy unchanged")
+        return ref_params
+    bs = o.batch_size
+    per_epoch = math.ceil(n / bs)
+    total = per_epoch * o.epochs
+    rng = ctx.rng(t, 0x7A1)
+    order = np.concatenate([np.resize(rng.permutation(n), per_epoch * bs) for _ in range(o.epochs)])
+    opt = cfg.train.optimizer.replace(learning_rate=o.learning_rate(t), total_steps=total)
+    train_cfg = cfg.train.replace(optimizer=opt, alpha=o.alpha(t, cfg.train.alpha))
+    tx = make_optimizer(opt)
+    step = make_preference_step(ctx.model, train_cfg, tx, ctx.mesh)
+    names = responses_for(train_cfg.loss)
+    mine = local_batch_rows(bs, ctx.mesh)  # this process's rows of each global batch
+
+    def batch_at(s: int):
+        rows = order[s * bs : (s + 1) * bs][mine]
+        batch = pairs.batch(rows, names).replace(ref_logps=take_rows(ref, rows))
+        return make_global_batch(batch, ctx.mesh, bs)
+
+    loop = _train_loop(ctx, step, total, f"iter {t} train", ctx.iter_dir(t) / "ckpt",
+                       {"iteration": t, "phase": "train"}, fault_name=f"iter{t}/train")
+    loop.add_hook(lambda s, m: ctx.metrics.write("train", s, to_host(m), iteration=t,
+                                                 iter_step=s))
+    # A copy: the step donates its state, and pi_ref is used again (evaluation).
+    return loop.run(lambda: jax.tree.map(jnp.copy, ref_params), tx, batch_at).params
+
+
+def _train_loop(ctx: RunContext, step, total: int, name: str, ckpt, metadata: dict,
+                fault_name: str | None = None) -> TrainLoop:
+    return TrainLoop(step, total, name=name, fault_name=fault_name, checkpoint_dir=ckpt,
+                     checkpoint_every=ctx.cfg.online.checkpoint_every,
+                     async_checkpoints=ctx.cfg.run.async_checkpoints, stop=ctx.stop,
+                     show_progress=ctx.cfg.run.progress, metadata=metadata)
