@@ -71,7 +71,9 @@ def _peak_bytes(compiled):
     try:
         ma = compiled.memory_analysis()
         return int(
-            ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+            ma.temp_size_in_bytes
+            + ma.argument_size_in_bytes
+            + ma.output_size_in_bytes
             - ma.alias_size_in_bytes
         )
     except Exception:  # noqa: BLE001  (memory_analysis is best effort on some backends)
@@ -84,6 +86,7 @@ def run_case(name, fwd, args, mode, flops, iters, max_bytes):
     if mode == "fwd":
         fn = jax.jit(fwd)
     else:
+
         def loss(q, k, v, e):
             return jnp.sum(fwd(q, k, v, e).astype(jnp.float32))
 
@@ -114,13 +117,19 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--impls", default=None, help="comma list; default: all on this backend")
     ap.add_argument("--modes", default="fwd,fwd_bwd")
-    ap.add_argument("--max-bytes", type=float, default=12e9,
-                    help="skip a case whose compiled memory estimate exceeds this")
+    ap.add_argument(
+        "--max-bytes",
+        type=float,
+        default=12e9,
+        help="skip a case whose compiled memory estimate exceeds this",
+    )
     args = ap.parse_args(argv)
 
     backend = jax.default_backend()
-    impls = args.impls.split(",") if args.impls else _impls(backend) + ["plain_xla"] + (
-        ["plain_cudnn"] if backend == "gpu" else []
+    impls = (
+        args.impls.split(",")
+        if args.impls
+        else _impls(backend) + ["plain_xla"] + (["plain_cudnn"] if backend == "gpu" else [])
     )
     if args.impls is None:
         try:
@@ -144,8 +153,10 @@ def main(argv=None):
                 if name.startswith("plain") or name == "tokamax":
                     fwd = _plain(name)
                 else:
+
                     def fwd(q, k, v, e, _impl=name):
                         return cope_attention(q, k, v, e, causal=True, impl=_impl)
+
                 rec = run_case(name, fwd, (q, k, v, e), mode, flops, args.iters, args.max_bytes)
                 rec["case"] = f"{mode} T={t}"
                 rec.update(backend=backend, B=b, H=h, K=kv, D=d, P=npos, dtype=args.dtype)

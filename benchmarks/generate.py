@@ -126,8 +126,17 @@ def run_case(preset: str, batch: int, args, rec_base: dict) -> None:
     prompts = _prompts(cfg, batch, args.prompt_len)
     m = args.new_tokens
     case = f"{preset} B={batch} T={args.prompt_len} M={m}"
-    base = dict(rec_base, case=case, preset=preset, batch=batch, prompt_len=args.prompt_len,
-                new_tokens=m, params=cfg.num_params(), param_dtype=cfg.param_dtype, dtype=cfg.dtype)
+    base = dict(
+        rec_base,
+        case=case,
+        preset=preset,
+        batch=batch,
+        prompt_len=args.prompt_len,
+        new_tokens=m,
+        params=cfg.num_params(),
+        param_dtype=cfg.param_dtype,
+        dtype=cfg.dtype,
+    )
     kw = dict(rng=jax.random.key(1), max_new_tokens=m, n=1, temperature=1.0)
 
     def engine(max_new=m):
@@ -142,8 +151,14 @@ def run_case(preset: str, batch: int, args, rec_base: dict) -> None:
         peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes)
     except Exception:  # noqa: BLE001 - memory_analysis is not implemented on every backend
         peak = None
-    rec = dict(base, impl="kv_cache", ms=secs * 1e3, tokens_per_s=batch * m / secs, peak_bytes=peak,
-               first_call_s=compile_s)
+    rec = dict(
+        base,
+        impl="kv_cache",
+        ms=secs * 1e3,
+        tokens_per_s=batch * m / secs,
+        peak_bytes=peak,
+        first_call_s=compile_s,
+    )
     print(json.dumps(rec), flush=True)
 
     nparams = cfg.num_params()
@@ -156,9 +171,19 @@ def run_case(preset: str, batch: int, args, rec_base: dict) -> None:
             naive_loop(params, cfg, prompts, m, step)  # warm-up: compiles every padded length
             iters = max(1, args.iters // 2)
             naive_s = _time(lambda: naive_loop(params, cfg, prompts, m, step), iters)
-        print(json.dumps(dict(base, impl="naive_recompute", ms=naive_s * 1e3,
-                              tokens_per_s=batch * m / naive_s, speedup=naive_s / secs,
-                              estimated=estimate)), flush=True)
+        print(
+            json.dumps(
+                dict(
+                    base,
+                    impl="naive_recompute",
+                    ms=naive_s * 1e3,
+                    tokens_per_s=batch * m / naive_s,
+                    speedup=naive_s / secs,
+                    estimated=estimate,
+                )
+            ),
+            flush=True,
+        )
 
     if backend != "cpu" or args.roofline:
         one = _time(lambda: engine(1), args.iters)  # prefill + first token (compiles on 1st call)
@@ -170,13 +195,24 @@ def run_case(preset: str, batch: int, args, rec_base: dict) -> None:
         cache_bytes = 2 * layers * batch * avg_len * k * d * itemsize
         pbytes = _param_bytes(params)
         roof_s = (pbytes + cache_bytes) / args.bandwidth
-        print(json.dumps(dict(base, impl="roofline", ms=step_s * 1e3, decode_step_ms=step_s * 1e3,
-                              prefill_ms=one * 1e3, roofline_step_ms=roof_s * 1e3,
-                              roofline_fraction=roof_s / step_s if step_s > 0 else math.nan,
-                              param_bytes=pbytes, cache_bytes_per_step=cache_bytes,
-                              bandwidth=args.bandwidth,
-                              decode_tokens_per_s=batch / step_s if step_s > 0 else math.nan)),
-              flush=True)
+        print(
+            json.dumps(
+                dict(
+                    base,
+                    impl="roofline",
+                    ms=step_s * 1e3,
+                    decode_step_ms=step_s * 1e3,
+                    prefill_ms=one * 1e3,
+                    roofline_step_ms=roof_s * 1e3,
+                    roofline_fraction=roof_s / step_s if step_s > 0 else math.nan,
+                    param_bytes=pbytes,
+                    cache_bytes_per_step=cache_bytes,
+                    bandwidth=args.bandwidth,
+                    decode_tokens_per_s=batch / step_s if step_s > 0 else math.nan,
+                )
+            ),
+            flush=True,
+        )
 
 
 def main(argv=None) -> None:
@@ -189,26 +225,46 @@ def main(argv=None) -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--naive-max-batch", type=int, default=1)
-    p.add_argument("--naive-max-params", type=int, default=10_000_000,
-                   help="above this many parameters the naive loop is estimated, not run")
+    p.add_argument(
+        "--naive-max-params",
+        type=int,
+        default=10_000_000,
+        help="above this many parameters the naive loop is estimated, not run",
+    )
     p.add_argument("--naive-estimate", action="store_true", help="always estimate the naive loop")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--roofline", action="store_true", help="also report the roofline on CPU")
     p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bandwidth, bytes/s")
-    p.add_argument("--param-dtype", default="bfloat16",
-                   help="parameter dtype on accelerators ('' keeps the preset's)")
+    p.add_argument(
+        "--param-dtype",
+        default="bfloat16",
+        help="parameter dtype on accelerators ('' keeps the preset's)",
+    )
     args = p.parse_args(argv)
     dev = jax.devices()[0]
-    base = dict(backend=jax.default_backend(), device=getattr(dev, "device_kind", str(dev)),
-                cpus=os.cpu_count(), machine=platform.processor() or platform.machine(),
-                jax=jax.__version__)
+    base = dict(
+        backend=jax.default_backend(),
+        device=getattr(dev, "device_kind", str(dev)),
+        cpus=os.cpu_count(),
+        machine=platform.processor() or platform.machine(),
+        jax=jax.__version__,
+    )
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             try:
                 run_case(preset, batch, args, base)
             except Exception as err:  # noqa: BLE001 - e.g. out of memory: report, go on
-                print(json.dumps(dict(base, case=f"{preset} B={batch}", impl="kv_cache",
-                                      error=f"{type(err).__name__}: {err}"[:300])), flush=True)
+                print(
+                    json.dumps(
+                        dict(
+                            base,
+                            case=f"{preset} B={batch}",
+                            impl="kv_cache",
+                            error=f"{type(err).__name__}: {err}"[:300],
+                        )
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

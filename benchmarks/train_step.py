@@ -124,8 +124,12 @@ def run_case(args, preset: str, mesh_shape: tuple[int, int, int]) -> dict:
     peak_bytes = None
     try:
         mem = compiled.memory_analysis()
-        peak_bytes = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                         + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        peak_bytes = int(
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
     except Exception:  # not every backend reports it
         pass
 
@@ -163,15 +167,22 @@ def run_case(args, preset: str, mesh_shape: tuple[int, int, int]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="tiny,small-100m")
-    parser.add_argument("--meshes", default="1x1x1,8x1x1",
-                        help="comma-separated DATAxFSDPxTENSOR, or 'auto' (all devices, data)")
+    parser.add_argument(
+        "--meshes",
+        default="1x1x1,8x1x1",
+        help="comma-separated DATAxFSDPxTENSOR, or 'auto' (all devices, data)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="peak FLOP/s per device for MFU, if the device is not in the table")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak FLOP/s per device for MFU, if the device is not in the table",
+    )
     args = parser.parse_args(argv)
     if args.meshes == "auto":
         meshes = [(jax.device_count(), 1, 1)]
@@ -184,9 +195,11 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 row = run_case(args, preset, shape)
             except Exception as err:  # report and go on with the next case
-                row = {"case": f"selm_step {preset} B={args.batch} T={args.seq_len}",
-                       "impl": "mesh=" + "x".join(map(str, shape)),
-                       "error": f"{type(err).__name__}: {err}".splitlines()[0][:300]}
+                row = {
+                    "case": f"selm_step {preset} B={args.batch} T={args.seq_len}",
+                    "impl": "mesh=" + "x".join(map(str, shape)),
+                    "error": f"{type(err).__name__}: {err}".splitlines()[0][:300],
+                }
             print(json.dumps(row), flush=True)
 
 

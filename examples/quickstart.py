@@ -1,6 +1,6 @@
 """Quickstart: build a tiny CoPE model, run a forward pass, decode a few tokens with the KV cache.
 
-    python examples/quickstart.py
+python examples/quickstart.py
 """
 
 import jax
@@ -12,8 +12,10 @@ from jaxselm.model import apply_with_cache, forward, get_preset, init_cache, ini
 def main() -> None:
     cfg = get_preset("tiny-cope")
     params = init_params(cfg, jax.random.key(0))
-    print(f"model: {cfg.num_layers} layers, {cfg.hidden_size} hidden, position={cfg.position}, "
-          f"{cfg.num_params():,} params")
+    print(
+        f"model: {cfg.num_layers} layers, {cfg.hidden_size} hidden, position={cfg.position}, "
+        f"{cfg.num_params():,} params"
+    )
 
     tokens = jnp.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])  # first row left-padded
     mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], bool)

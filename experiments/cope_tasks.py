@@ -1,4 +1,5 @@
-"""CoPE paper's toy tasks at CPU scale: RoPE vs NoPE vs CoPE (vs CoPE+RoPE, learned absolute), ID and OOD.
+"""CoPE paper's toy tasks at CPU scale: RoPE vs NoPE vs CoPE (vs CoPE+RoPE, learned absolute),
+ID and OOD.
 
     python experiments/cope_tasks.py                      # the full run (docs/results.md)
     python experiments/cope_tasks.py --quick --out /tmp/q # tiny: one task, one seed, few steps
@@ -70,21 +71,39 @@ PAPER = {
     "flipflop": "OOD: absolute 21.7, RoPE 20.3, CoPE 4.9",
 }
 PAPER_BY_POS = {
-    ("copy", "rope"): "40.1 (ID)", ("copy", "cope"): "0.0 (ID)", ("copy", "absolute"): "16.9 (ID)",
-    ("count", "rope"): "17.8 (relative)", ("count", "cope"): "1.2", ("count", "absolute"): "67.6",
-    ("flipflop", "rope"): "20.3 (OOD)", ("flipflop", "cope"): "4.9 (OOD)",
+    ("copy", "rope"): "40.1 (ID)",
+    ("copy", "cope"): "0.0 (ID)",
+    ("copy", "absolute"): "16.9 (ID)",
+    ("count", "rope"): "17.8 (relative)",
+    ("count", "cope"): "1.2",
+    ("count", "absolute"): "67.6",
+    ("flipflop", "rope"): "20.3 (OOD)",
+    ("flipflop", "cope"): "4.9 (OOD)",
     ("flipflop", "absolute"): "21.7 (OOD)",
 }
-POS_NAMES = {"rope": "RoPE", "none": "NoPE", "cope": "CoPE", "cope+rope": "CoPE+RoPE",
-             "absolute": "absolute"}
+POS_NAMES = {
+    "rope": "RoPE",
+    "none": "NoPE",
+    "cope": "CoPE",
+    "cope+rope": "CoPE+RoPE",
+    "absolute": "absolute",
+}
 
 
 def _run_key(r: dict[str, Any]) -> tuple:
     return (r["task"], r["position"], r["seed"], r["steps"])
 
 
-def _overrides(task: str, settings: dict[str, Any], out_dir: Path, seed: int, position: str,
-               steps: int, num_eval: int, extra: list[str]) -> list[str]:
+def _overrides(
+    task: str,
+    settings: dict[str, Any],
+    out_dir: Path,
+    seed: int,
+    position: str,
+    steps: int,
+    num_eval: int,
+    extra: list[str],
+) -> list[str]:
     return [
         f"run.output_dir={out_dir}",
         f"run.seed={seed}",
@@ -100,20 +119,23 @@ def _overrides(task: str, settings: dict[str, Any], out_dir: Path, seed: int, po
 
 
 def _eval_accuracy(run_dir: Path) -> float:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    recs = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
+    ]
     it0 = [r for r in recs if r.get("kind") == "iteration" and r.get("iteration") == 0]
     if not it0:
         raise RuntimeError(f"{run_dir}/metrics.jsonl has no iteration-0 record")
     return float(it0[-1]["eval/accuracy"])
 
 
-def train_and_eval(task: str, position: str, seed: int, steps: int, num_eval: int,
-                   work_dir: Path) -> dict[str, Any]:
+def train_and_eval(
+    task: str, position: str, seed: int, steps: int, num_eval: int, work_dir: Path
+) -> dict[str, Any]:
     """One (task, position, seed): SFT + ID eval, then OOD eval of the same parameters."""
     from jaxselm.config_io import load_config
     from jaxselm.data.tasks import make_task
-    from jaxselm.online.config import RunConfig
     from jaxselm.online import run_sft
+    from jaxselm.online.config import RunConfig
 
     spec = TASKS[task]
     if make_task(task, **spec["id"]).vocab() != make_task(task, **spec["ood"]).vocab():
@@ -126,25 +148,46 @@ def train_and_eval(task: str, position: str, seed: int, steps: int, num_eval: in
     cfg_path = str(REPO / spec["config"])
 
     t0 = time.time()
-    cfg = load_config(RunConfig, cfg_path,
-                      _overrides(task, spec["id"], id_dir, seed, position, steps, num_eval, []))
+    cfg = load_config(
+        RunConfig,
+        cfg_path,
+        _overrides(task, spec["id"], id_dir, seed, position, steps, num_eval, []),
+    )
     run_sft(cfg)
     t1 = time.time()
     # OOD: the trained policy, no training, OOD prompts (longer answers for copy are not needed:
     # the number of data tokens stays the same, so max_new_tokens stays valid).
-    cfg_ood = load_config(RunConfig, cfg_path, _overrides(
-        task, spec["ood"], ood_dir, seed, position, 0, num_eval,
-        [f"init.checkpoint={id_dir / 'policy' / 'iter_00'}"]))
+    cfg_ood = load_config(
+        RunConfig,
+        cfg_path,
+        _overrides(
+            task,
+            spec["ood"],
+            ood_dir,
+            seed,
+            position,
+            0,
+            num_eval,
+            [f"init.checkpoint={id_dir / 'policy' / 'iter_00'}"],
+        ),
+    )
     run_sft(cfg_ood)
     t2 = time.time()
     id_acc, ood_acc = _eval_accuracy(id_dir), _eval_accuracy(ood_dir)
     return {
-        "task": task, "position": position, "seed": seed, "steps": steps,
+        "task": task,
+        "position": position,
+        "seed": seed,
+        "steps": steps,
         "num_eval_prompts": num_eval,
-        "id_settings": spec["id"], "ood_settings": spec["ood"],
-        "id_accuracy": id_acc, "ood_accuracy": ood_acc,
-        "id_error": 100.0 * (1.0 - id_acc), "ood_error": 100.0 * (1.0 - ood_acc),
-        "train_wall_s": round(t1 - t0, 1), "ood_eval_wall_s": round(t2 - t1, 1),
+        "id_settings": spec["id"],
+        "ood_settings": spec["ood"],
+        "id_accuracy": id_acc,
+        "ood_accuracy": ood_acc,
+        "id_error": 100.0 * (1.0 - id_acc),
+        "ood_error": 100.0 * (1.0 - ood_acc),
+        "train_wall_s": round(t1 - t0, 1),
+        "ood_eval_wall_s": round(t2 - t1, 1),
         "run_dir": str(id_dir),
     }
 
@@ -163,38 +206,59 @@ def make_table(results: dict[str, Any]) -> str:
     """The markdown table, computed from the JSON results only."""
     runs = results["runs"]
     lines = [
-        "| task | OOD setting | position | seeds | steps | ID error % | OOD error % | per-seed ID / OOD | paper (test error %) |",
+        "| task | OOD setting | position | seeds | steps | ID error % | OOD error % "
+        "| per-seed ID / OOD | paper (test error %) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
     for task in tasks:
-        positions = [p for p in POS_NAMES if any(r["task"] == task and r["position"] == p for r in runs)]
-        groups = [(n, p) for n in sorted({r["steps"] for r in runs if r["task"] == task})
-                  for p in positions]
+        positions = [
+            p for p in POS_NAMES if any(r["task"] == task and r["position"] == p for r in runs)
+        ]
+        groups = [
+            (n, p)
+            for n in sorted({r["steps"] for r in runs if r["task"] == task})
+            for p in positions
+        ]
         for steps, pos in groups:  # one row per (steps, position): seeds are averaged, nothing else
-            rs = sorted((r for r in runs if r["task"] == task and r["position"] == pos
-                         and r["steps"] == steps), key=lambda r: r["seed"])
+            rs = sorted(
+                (
+                    r
+                    for r in runs
+                    if r["task"] == task and r["position"] == pos and r["steps"] == steps
+                ),
+                key=lambda r: r["seed"],
+            )
             if not rs:
                 continue
             per_seed = ", ".join(f"{r['id_error']:.1f} / {r['ood_error']:.1f}" for r in rs)
             lines.append(
                 f"| {task} | {TASKS[task]['ood_desc']} | {POS_NAMES[pos]} | "
                 f"{','.join(str(r['seed']) for r in rs)} | {steps} | "
-                f"{_mean_std([r['id_error'] for r in rs])} | {_mean_std([r['ood_error'] for r in rs])} | "
-                f"{per_seed} | {PAPER_BY_POS.get((task, pos), '-')} |")
+                f"{_mean_std([r['id_error'] for r in rs])} | "
+                f"{_mean_std([r['ood_error'] for r in rs])} | "
+                f"{per_seed} | {PAPER_BY_POS.get((task, pos), '-')} |"
+            )
     lines.append("")
     absolute_run = any(r["position"] == "absolute" for r in runs)
-    lines.append("Paper's numbers (restated in MISSION.md), full scale: " +
-                 "; ".join(f"{t}: {PAPER[t]}" for t in tasks) + ". " +
-                 ("'absolute' is a learned absolute-position table added to the token embeddings "
-                  "(model.position=absolute), the paper's absolute baseline."
-                  if absolute_run else
-                  "The paper's 'absolute' (learned absolute positions, --positions absolute) "
-                  "is not in these runs."))
+    lines.append(
+        "Paper's numbers (restated in MISSION.md), full scale: "
+        + "; ".join(f"{t}: {PAPER[t]}" for t in tasks)
+        + ". "
+        + (
+            "'absolute' is a learned absolute-position table added to the token embeddings "
+            "(model.position=absolute), the paper's absolute baseline."
+            if absolute_run
+            else "The paper's 'absolute' (learned absolute positions, --positions absolute) "
+            "is not in these runs."
+        )
+    )
     lines.append("")
     total = sum(r["train_wall_s"] + r["ood_eval_wall_s"] for r in runs)
-    lines.append(f"{len(runs)} runs, {total / 60:.1f} min of run wall time in total "
-                 f"(machine: {results.get('machine', '?')}).")
+    lines.append(
+        f"{len(runs)} runs, {total / 60:.1f} min of run wall time in total "
+        f"(machine: {results.get('machine', '?')})."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -208,8 +272,11 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny: count task, RoPE and CoPE, one seed, 20 steps, 32 eval prompts")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny: count task, RoPE and CoPE, one seed, 20 steps, 32 eval prompts",
+    )
     ap.add_argument("--tasks", default="count,copy")
     ap.add_argument("--positions", default="rope,none,cope,absolute")
     ap.add_argument("--seeds", default="0,1")
@@ -218,15 +285,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "experiments" / "results"))
     ap.add_argument("--work-dir", default=str(REPO / "runs" / "experiments" / "cope"))
     ap.add_argument("--table-only", action="store_true", help="rebuild cope_tasks.md from the JSON")
-    ap.add_argument("--merge", metavar="OTHER_JSON",
-                    help="add the runs of another cope_tasks.json (a sweep run in parallel into "
-                         "another --out) that are not in --out's JSON, and rebuild the table")
+    ap.add_argument(
+        "--merge",
+        metavar="OTHER_JSON",
+        help="add the runs of another cope_tasks.json (a sweep run in parallel into "
+        "another --out) that are not in --out's JSON, and rebuild the table",
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.merge:
         results = json.loads((out / "cope_tasks.json").read_text())
         have = {_run_key(r) for r in results["runs"]}
-        new = [r for r in json.loads(Path(args.merge).read_text())["runs"] if _run_key(r) not in have]
+        new = [
+            r for r in json.loads(Path(args.merge).read_text())["runs"] if _run_key(r) not in have
+        ]
         results["runs"].extend(new)
         write_outputs(results, out)
         print(f"[cope_tasks] merged {len(new)} runs from {args.merge}")
@@ -238,7 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         print(make_table(results))
         return 0
     if args.quick:
-        args.tasks, args.positions, args.seeds, args.steps, args.num_eval = "count", "rope,cope", "0", 20, 32
+        args.tasks, args.positions, args.seeds, args.steps, args.num_eval = (
+            "count",
+            "rope,cope",
+            "0",
+            20,
+            32,
+        )
     tasks = args.tasks.split(",")
     positions = args.positions.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -259,10 +337,15 @@ def main(argv: list[str] | None = None) -> int:
                 if (task, pos, seed, args.steps) in done:
                     print(f"[cope_tasks] skip {task} {pos} seed {seed} (in {path})", flush=True)
                     continue
-                rec = train_and_eval(task, pos, seed, args.steps, args.num_eval, Path(args.work_dir))
-                print(f"[cope_tasks] {task} {pos} seed {seed}: ID error {rec['id_error']:.1f}%  "
-                      f"OOD error {rec['ood_error']:.1f}%  ({rec['train_wall_s']} s + "
-                      f"{rec['ood_eval_wall_s']} s)", flush=True)
+                rec = train_and_eval(
+                    task, pos, seed, args.steps, args.num_eval, Path(args.work_dir)
+                )
+                print(
+                    f"[cope_tasks] {task} {pos} seed {seed}: ID error {rec['id_error']:.1f}%  "
+                    f"OOD error {rec['ood_error']:.1f}%  ({rec['train_wall_s']} s + "
+                    f"{rec['ood_eval_wall_s']} s)",
+                    flush=True,
+                )
                 results["runs"].append(rec)
                 write_outputs(results, out)
     write_outputs(results, out)

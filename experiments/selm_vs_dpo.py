@@ -5,9 +5,9 @@
     python experiments/selm_vs_dpo.py --table-only           # rebuild table + plots from the JSON
 
 Every run is ``jaxselm online --config configs/demo.yaml`` through the library
-(``jaxselm.online.run_online(cfg)``) with ``train.alpha`` and ``run.seed`` overridden, so every setting
-gets exactly the same budget (SFT warm start, prompts per iteration, samples, epochs, learning
-rates); only the optimism weight alpha differs. SELM's loss adds
+(``jaxselm.online.run_online(cfg)``) with ``train.alpha`` and ``run.seed`` overridden, so every
+setting gets exactly the same budget (SFT warm start, prompts per iteration, samples, epochs,
+learning rates); only the optimism weight alpha differs. SELM's loss adds
 ``alpha * beta * (log pi(y_ref) - log pi_ref(y_ref))`` to the DPO loss (beta = 0.1 in the demo).
 
 Per iteration it collects, from the run's own ``metrics.jsonl``: sample accuracy and reward (one
@@ -51,16 +51,22 @@ def _label(alpha: float) -> str:
 
 
 def _iteration_records(run_dir: Path) -> list[dict[str, Any]]:
-    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    recs = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
+    ]
     its = {r["iteration"]: r for r in recs if r.get("kind") == "iteration"}
     out = []
     for t in sorted(its):
         row = {"iteration": t}
         for key, _ in METRICS:
             if key == "train/rewards_refresp":
-                vals = [r["rewards/refresp"] for r in recs
-                        if r.get("kind") == "train" and r.get("iteration") == t
-                        and r.get("rewards/refresp") is not None]
+                vals = [
+                    r["rewards/refresp"]
+                    for r in recs
+                    if r.get("kind") == "train"
+                    and r.get("iteration") == t
+                    and r.get("rewards/refresp") is not None
+                ]
                 row[key] = float(sum(vals) / len(vals)) if vals else None
             else:
                 row[key] = its[t].get(key)
@@ -68,23 +74,42 @@ def _iteration_records(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_one(alpha: float, seed: int, iterations: int, work_dir: Path, extra: list[str]) -> dict[str, Any]:
+def run_one(
+    alpha: float, seed: int, iterations: int, work_dir: Path, extra: list[str]
+) -> dict[str, Any]:
     from jaxselm.config_io import load_config
-    from jaxselm.online.config import RunConfig
     from jaxselm.online import run_online
+    from jaxselm.online.config import RunConfig
 
     out_dir = work_dir / f"alpha{alpha:g}-s{seed}-it{iterations}"
     shutil.rmtree(out_dir, ignore_errors=True)
     lrs = "[" + ", ".join(["3.0e-4"] * iterations) + "]"
-    cfg = load_config(RunConfig, str(REPO / "configs" / "demo.yaml"), [
-        f"run.output_dir={out_dir}", f"run.seed={seed}", "run.progress=false",
-        "run.tensorboard=false", f"train.alpha={alpha!r}", f"online.iterations={iterations}",
-        f"online.learning_rates={lrs}", *extra])
+    cfg = load_config(
+        RunConfig,
+        str(REPO / "configs" / "demo.yaml"),
+        [
+            f"run.output_dir={out_dir}",
+            f"run.seed={seed}",
+            "run.progress=false",
+            "run.tensorboard=false",
+            f"train.alpha={alpha!r}",
+            f"online.iterations={iterations}",
+            f"online.learning_rates={lrs}",
+            *extra,
+        ],
+    )
     t0 = time.time()
     run_online(cfg)
-    return {"alpha": alpha, "seed": seed, "iterations": iterations, "extra_overrides": extra,
-            "beta": cfg.train.beta, "wall_s": round(time.time() - t0, 1),
-            "per_iteration": _iteration_records(out_dir), "run_dir": str(out_dir)}
+    return {
+        "alpha": alpha,
+        "seed": seed,
+        "iterations": iterations,
+        "extra_overrides": extra,
+        "beta": cfg.train.beta,
+        "wall_s": round(time.time() - t0, 1),
+        "per_iteration": _iteration_records(out_dir),
+        "run_dir": str(out_dir),
+    }
 
 
 def _agg(vals: list[float | None]) -> tuple[float, float] | None:
@@ -106,7 +131,9 @@ def _curves(results: dict[str, Any]) -> dict[float, dict[str, list[tuple[int, fl
         for key, _ in METRICS:
             pts = []
             for t in iters:
-                a = _agg([p.get(key) for r in runs for p in r["per_iteration"] if p["iteration"] == t])
+                a = _agg(
+                    [p.get(key) for r in runs for p in r["per_iteration"] if p["iteration"] == t]
+                )
                 if a is not None:
                     pts.append((t, a[0], a[1]))
             out[alpha][key] = pts
@@ -117,10 +144,15 @@ def make_table(results: dict[str, Any]) -> str:
     runs = results["runs"]
     curves = _curves(results)
     seeds = sorted({r["seed"] for r in runs})
-    lines = [(f"Mean over seeds {seeds} (± std over seeds); iteration 0 = the SFT warm start "
-             "(identical for every alpha of a seed)."), "",
-             "| setting | iter | " + " | ".join(c for _, c in METRICS) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |"]
+    lines = [
+        (
+            f"Mean over seeds {seeds} (± std over seeds); iteration 0 = the SFT warm start "
+            "(identical for every alpha of a seed)."
+        ),
+        "",
+        "| setting | iter | " + " | ".join(c for _, c in METRICS) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in METRICS) + " |",
+    ]
     for alpha, by_key in curves.items():
         iters = sorted({t for pts in by_key.values() for t, _, _ in pts})
         for t in iters:
@@ -129,9 +161,13 @@ def make_table(results: dict[str, Any]) -> str:
                 v = [(m, s) for tt, m, s in by_key[key] if tt == t]
                 cells.append(f"{v[0][0]:.3f} ± {v[0][1]:.3f}" if v else "-")
             lines.append(f"| {_label(alpha)} | {t} | " + " | ".join(cells) + " |")
-    lines += ["", "Final iteration, per seed (sample-acc / greedy-acc):", "",
-              "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | wall s (mean) |",
-              "| --- | " + " | ".join("---" for _ in seeds) + " | --- |"]
+    lines += [
+        "",
+        "Final iteration, per seed (sample-acc / greedy-acc):",
+        "",
+        "| setting | " + " | ".join(f"seed {s}" for s in seeds) + " | wall s (mean) |",
+        "| --- | " + " | ".join("---" for _ in seeds) + " | --- |",
+    ]
     for alpha in curves:
         cells = []
         for s in seeds:
@@ -142,9 +178,16 @@ def make_table(results: dict[str, Any]) -> str:
             else:
                 cells.append("-")
         walls = [r["wall_s"] for r in runs if r["alpha"] == alpha]
-        lines.append(f"| {_label(alpha)} | " + " | ".join(cells) + f" | {sum(walls) / len(walls):.0f} |")
-    lines += ["", (f"{len(runs)} runs, {sum(r['wall_s'] for r in runs) / 60:.1f} min of run wall "
-              f"time in total (machine: {results.get('machine', '?')}).")]
+        lines.append(
+            f"| {_label(alpha)} | " + " | ".join(cells) + f" | {sum(walls) / len(walls):.0f} |"
+        )
+    lines += [
+        "",
+        (
+            f"{len(runs)} runs, {sum(r['wall_s'] for r in runs) / 60:.1f} min of run wall "
+            f"time in total (machine: {results.get('machine', '?')})."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +202,7 @@ def make_plot(results: dict[str, Any], path: Path) -> None:
     nrows = math.ceil(len(METRICS) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.7 * nrows), squeeze=False)
     flat = axes.ravel()
-    for ax in flat[len(METRICS):]:
+    for ax in flat[len(METRICS) :]:
         ax.axis("off")
     for ax, (key, name) in zip(flat, METRICS):
         for alpha, by_key in curves.items():
@@ -192,14 +235,19 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny: alpha 0 and 1e-3, one seed, one iteration of 32 prompts")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny: alpha 0 and 1e-3, one seed, one iteration of 32 prompts",
+    )
     ap.add_argument("--alphas", default="0,1e-3,1e-2,1e-1")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "experiments" / "results"))
     ap.add_argument("--work-dir", default=str(REPO / "runs" / "experiments" / "selm"))
-    ap.add_argument("--table-only", action="store_true", help="rebuild table and plot from the JSON")
+    ap.add_argument(
+        "--table-only", action="store_true", help="rebuild table and plot from the JSON"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.table_only:
@@ -210,15 +258,22 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     if args.quick:
         args.alphas, args.seeds, args.iterations = "0,1e-3", "0", 1
-        extra = ["sft.steps=20", "online.prompts_per_iteration=32", "data.num_eval_prompts=32",
-                 "online.epochs=1"]
+        extra = [
+            "sft.steps=20",
+            "online.prompts_per_iteration=32",
+            "data.num_eval_prompts=32",
+            "online.epochs=1",
+        ]
     alphas = [float(a) for a in args.alphas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
     path = out / "selm_vs_dpo.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": []}
     results["machine"] = f"{os.cpu_count()}-core CPU ({sys.platform}), JAX CPU backend"
-    done = {(r["alpha"], r["seed"], r["iterations"], tuple(r["extra_overrides"])) for r in results["runs"]}
+    done = {
+        (r["alpha"], r["seed"], r["iterations"], tuple(r["extra_overrides"]))
+        for r in results["runs"]
+    }
     for seed in seeds:  # seed-major: a cut-short sweep still has every alpha for seed 0
         for alpha in alphas:
             if (alpha, seed, args.iterations, tuple(extra)) in done:
@@ -226,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rec = run_one(alpha, seed, args.iterations, Path(args.work_dir), extra)
             last = rec["per_iteration"][-1]
-            print(f"[selm_vs_dpo] {_label(alpha)} seed {seed}: sample-acc "
-                  f"{last['eval/sample_accuracy']:.3f} greedy-acc {last['eval/accuracy']:.3f} "
-                  f"({rec['wall_s']} s)", flush=True)
+            print(
+                f"[selm_vs_dpo] {_label(alpha)} seed {seed}: sample-acc "
+                f"{last['eval/sample_accuracy']:.3f} greedy-acc {last['eval/accuracy']:.3f} "
+                f"({rec['wall_s']} s)",
+                flush=True,
+            )
             results["runs"].append(rec)
             write_outputs(results, out)
     write_outputs(results, out)

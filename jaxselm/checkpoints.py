@@ -28,7 +28,12 @@ from typing import Any, Literal
 import jax
 
 from jaxselm.errors import CheckpointError
-from jaxselm.hf import hf_architecture, hf_config_to_model_config, load_hf_checkpoint, read_hf_config
+from jaxselm.hf import (
+    hf_architecture,
+    hf_config_to_model_config,
+    load_hf_checkpoint,
+    read_hf_config,
+)
 from jaxselm.model import ModelConfig, abstract_params
 from jaxselm.model.config import RUNTIME_FIELDS
 from jaxselm.train.checkpoint import export_metadata, load_params
@@ -109,8 +114,9 @@ def load_checkpoint(
         shardings = jax.tree.map(lambda _: device, abstract_params(cfg, head=found_head))
     if kind == "hf":
         dtype = None if model_config is None else cfg.param_dtype
-        cfg_loaded, params = load_hf_checkpoint(path, head=found_head, dtype=dtype,
-                                                shardings=shardings)
+        cfg_loaded, params = load_hf_checkpoint(
+            path, head=found_head, dtype=dtype, shardings=shardings
+        )
         return (cfg_loaded if model_config is None else cfg), params
     return cfg, load_params(path, abstract_params(cfg, head=found_head, shardings=shardings))
 
@@ -122,5 +128,3 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig | None:
         return hf_config_to_model_config(read_hf_config(path), source=f"{path}/config.json")
     meta = export_metadata(path)
     return None if meta is None else meta[0]
-
-

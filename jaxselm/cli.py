@@ -34,66 +34,102 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", metavar="FILE.yaml", help="run config (YAML)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config keys, e.g. online.iterations=5 model.position=cope")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="override config keys, e.g. online.iterations=5 model.position=cope",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="jaxselm", description="Online preference alignment (SELM) with CoPE, in JAX.")
+    parser = _Parser(
+        prog="jaxselm", description="Online preference alignment (SELM) with CoPE, in JAX."
+    )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-process run: start jax.distributed first (auto-detected on "
-                             "Cloud TPU / SLURM; implied by JAXSELM_COORDINATOR or "
-                             "JAXSELM_NUM_PROCESSES, see docs/multinode-gpu.md)")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-process run: start jax.distributed first (auto-detected on "
+        "Cloud TPU / SLURM; implied by JAXSELM_COORDINATOR or "
+        "JAXSELM_NUM_PROCESSES, see docs/multinode-gpu.md)",
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
-    p = sub.add_parser("online", help="run (or resume) online SELM iterations",
-                       description="Run or resume the online loop: generate, judge, reference "
-                                   "log-probs, train, evaluate, per iteration.")
+    p = sub.add_parser(
+        "online",
+        help="run (or resume) online SELM iterations",
+        description="Run or resume the online loop: generate, judge, reference "
+        "log-probs, train, evaluate, per iteration.",
+    )
     _add_config_args(p)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on demonstrations (the warm start)",
-                       description="Run only the SFT warm start of a run config; writes "
-                                   "OUTPUT_DIR/policy/iter_00.")
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on demonstrations (the warm start)",
+        description="Run only the SFT warm start of a run config; writes "
+        "OUTPUT_DIR/policy/iter_00.",
+    )
     _add_config_args(p)
 
-    p = sub.add_parser("train", help="offline SELM / DPO / IPO on a preference file",
-                       description="Offline preference training on data.prompts_path (rows with "
-                                   "prompt, chosen, rejected; SELM/XPO also need refresp or use "
-                                   "the policy's greedy response).")
+    p = sub.add_parser(
+        "train",
+        help="offline SELM / DPO / IPO on a preference file",
+        description="Offline preference training on data.prompts_path (rows with "
+        "prompt, chosen, rejected; SELM/XPO also need refresp or use "
+        "the policy's greedy response).",
+    )
     _add_config_args(p)
 
-    p = sub.add_parser("train-rm", help="fit a reward model (Bradley-Terry) on preference data",
-                       description="Fit a scalar-head reward model on data.prompts_path "
-                                   "(prompt, chosen, rejected).")
+    p = sub.add_parser(
+        "train-rm",
+        help="fit a reward model (Bradley-Terry) on preference data",
+        description="Fit a scalar-head reward model on data.prompts_path "
+        "(prompt, chosen, rejected).",
+    )
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: one epoch)")
 
-    p = sub.add_parser("generate", help="sample responses from a checkpoint",
-                       description="Generate responses for prompts (JSONL with 'prompt' or "
-                                   "'messages'; or the task's eval prompts) and write JSONL.")
+    p = sub.add_parser(
+        "generate",
+        help="sample responses from a checkpoint",
+        description="Generate responses for prompts (JSONL with 'prompt' or "
+        "'messages'; or the task's eval prompts) and write JSONL.",
+    )
     _add_config_args(p)
-    p.add_argument("--checkpoint", required=True, help="params export (e.g. RUN/policy/iter_03) or HF dir")
+    p.add_argument(
+        "--checkpoint", required=True, help="params export (e.g. RUN/policy/iter_03) or HF dir"
+    )
     p.add_argument("--prompts", help="JSONL of prompts (default: the run's evaluation prompts)")
     p.add_argument("--output", required=True, help="output JSONL")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
 
-    p = sub.add_parser("eval", help="win rate of a checkpoint against another with the judge",
-                       description="Greedy responses of two checkpoints on the evaluation prompts, "
-                                   "judged pairwise; optionally an AlpacaEval-format JSON of outputs.")
+    p = sub.add_parser(
+        "eval",
+        help="win rate of a checkpoint against another with the judge",
+        description="Greedy responses of two checkpoints on the evaluation prompts, "
+        "judged pairwise; optionally an AlpacaEval-format JSON of outputs.",
+    )
     _add_config_args(p)
     p.add_argument("--checkpoint", required=True, help="the model to evaluate")
     p.add_argument("--baseline", help="the model to compare against (default: none, scores only)")
     p.add_argument("--alpaca-eval", metavar="OUT.json", help="write outputs in AlpacaEval format")
 
-    p = sub.add_parser("convert", help="convert checkpoints between HF safetensors and jaxselm",
-                       description="HF (config.json + safetensors) <-> jaxselm params export.")
+    p = sub.add_parser(
+        "convert",
+        help="convert checkpoints between HF safetensors and jaxselm",
+        description="HF (config.json + safetensors) <-> jaxselm params export.",
+    )
     p.add_argument("--from", dest="src", choices=("hf", "jaxselm"), required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--config", "-c", metavar="FILE.yaml",
-                   help="a run config whose model section the checkpoint must match (needed only "
-                        "for a params export saved without its model config)")
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE.yaml",
+        help="a run config whose model section the checkpoint must match (needed only "
+        "for a params export saved without its model config)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--head", choices=("lm", "reward"), default="lm")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -122,8 +158,9 @@ def _cmd_sft(args) -> int:
 def _cmd_generate(args) -> int:
     from jaxselm.online.commands import generate_command
 
-    return generate_command(_load_run_config(args), args.checkpoint, args.prompts, args.output,
-                            greedy=args.greedy)
+    return generate_command(
+        _load_run_config(args), args.checkpoint, args.prompts, args.output, greedy=args.greedy
+    )
 
 
 def _cmd_eval(args) -> int:
@@ -189,15 +226,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     for item in getattr(args, "overrides", []) or []:
         if "=" not in item:
-            print(f"jaxselm {args.command}: error: unexpected argument {item!r} (overrides look like "
-                  "key=value)", file=sys.stderr)
+            print(
+                f"jaxselm {args.command}: error: unexpected argument {item!r} (overrides look like "
+                "key=value)",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
     try:
         if args.distributed or _env_wants_distributed():
             if args.command not in _MULTI_PROCESS_COMMANDS:
-                print(f"jaxselm {args.command}: error: --distributed: multi-process runs are supported "
-                      f"by {', '.join(_MULTI_PROCESS_COMMANDS)} (run {args.command} as one process)",
-                      file=sys.stderr)
+                print(
+                    f"jaxselm {args.command}: error: --distributed: multi-process runs are "
+                    f"supported by {', '.join(_MULTI_PROCESS_COMMANDS)} "
+                    f"(run {args.command} as one process)",
+                    file=sys.stderr,
+                )
                 return EXIT_USAGE
             from jaxselm.parallel.multihost import initialize_distributed
 

@@ -1,6 +1,7 @@
 """Load typed configs from YAML files plus ``a.b=value`` overrides.
 
-    cfg = load_config(RunConfig, "configs/demo.yaml", ["online.iterations=5", "model.position=cope"])
+    cfg = load_config(RunConfig, "configs/demo.yaml", ["online.iterations=5",
+                      "model.position=cope"])
 
 YAML is read with ``yaml.safe_load``; each override's value is parsed as a YAML scalar/flow value
 (``5`` -> int, ``1e-3`` -> float, ``[1, 2]`` -> list, ``null`` -> None). The typed config (a

@@ -20,7 +20,9 @@ class ConfigError(JaxselmError, ValueError):
     message without the key) let an enclosing section re-prefix the key with its own path.
     """
 
-    def __init__(self, message: str, *, path: tuple[str, ...] | None = None, detail: str | None = None):
+    def __init__(
+        self, message: str, *, path: tuple[str, ...] | None = None, detail: str | None = None
+    ):
         super().__init__(message)
         self.path = path
         self.detail = detail

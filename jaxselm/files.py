@@ -83,4 +83,3 @@ def read_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(
             f"{path}: unreadable safetensors file ({err.__class__.__name__})"
         ) from None
-

@@ -18,8 +18,17 @@ ROOT = Path(__file__).resolve().parents[1] / "jaxselm"
 
 # Top-level parts of the package a part may NOT import (its "upper" neighbours).
 FORBIDDEN = {
-    "kernels": {"model", "train", "sampling", "hf", "feedback", "data", "online", "cli",
-                "checkpoints"},
+    "kernels": {
+        "model",
+        "train",
+        "sampling",
+        "hf",
+        "feedback",
+        "data",
+        "online",
+        "cli",
+        "checkpoints",
+    },
     "model": {"train", "sampling", "hf", "feedback", "data", "online", "cli", "checkpoints"},
     "parallel": {"model", "train", "sampling", "hf", "feedback", "data", "online", "cli"},
     "data": {"model", "train", "sampling", "hf", "feedback", "online", "cli", "checkpoints"},
@@ -103,7 +112,9 @@ def import_graph() -> dict[str, set[str]]:
 def test_the_checker_catches_a_private_import():
     src = "from jaxselm.online.loop import _pack\nfrom jaxselm.kernels.cope._impl import f\n"
     assert private_imports(src, "jaxselm.online.commands") == [
-        "jaxselm.online.loop:_pack", "jaxselm.kernels.cope._impl"]
+        "jaxselm.online.loop:_pack",
+        "jaxselm.kernels.cope._impl",
+    ]
     assert private_imports("from jaxselm.model import api\n", "jaxselm.online.x") == []
 
 
@@ -130,9 +141,10 @@ def test_imports_run_one_way():
 
 def test_no_import_cycles():
     graph = import_graph()
+
     # Imports of a package's own __init__ by its submodules are the package itself loading.
     def deps(m):
-        return {d for d in graph[m] if not (m.startswith(d + ".") )}
+        return {d for d in graph[m] if not (m.startswith(d + "."))}
 
     state: dict[str, int] = {}
     cycles = []
@@ -141,7 +153,7 @@ def test_no_import_cycles():
         state[m] = 1
         for d in sorted(deps(m)):
             if state.get(d) == 1:
-                cycles.append(" -> ".join([*stack[stack.index(d):], d]))
+                cycles.append(" -> ".join([*stack[stack.index(d) :], d]))
             elif d not in state:
                 visit(d, [*stack, d])
         state[m] = 2
@@ -153,8 +165,11 @@ def test_no_import_cycles():
 
 
 def test_module_sizes():
-    big = {name: n for name, p in modules().items()
-           if not name.startswith("jaxselm.kernels") and (n := len(p.read_text().splitlines()))
-           > MAX_LINES}
+    big = {
+        name: n
+        for name, p in modules().items()
+        if not name.startswith("jaxselm.kernels")
+        and (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert big == {}
     assert len((ROOT / "online" / "loop.py").read_text().splitlines()) < MAX_ORCHESTRATOR_LINES

@@ -23,6 +23,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from jaxselm.data.iteration import (
+    ReaderState,
+    iteration_indices,
+    iteration_slice,
+    read_batch,
+    shuffled_order,
+)
 from jaxselm.data.packing import (
     LogProbs,
     PaddedBatch,
@@ -35,13 +42,6 @@ from jaxselm.data.packing import (
     pack_prompts,
     pack_sequences,
     pad_batch,
-)
-from jaxselm.data.iteration import (
-    ReaderState,
-    iteration_indices,
-    iteration_slice,
-    read_batch,
-    shuffled_order,
 )
 from jaxselm.data.tasks import Task, make_demonstrations, make_task, score, task_tokenizer
 from jaxselm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer

@@ -113,7 +113,9 @@ def pad_batch(
         rows += [[pad_id] if filler else [] for _ in range(batch_size - b)]
     longest = max((len(r) for r in rows), default=0)
     if length is None:
-        length = bucket_length(longest, multiple=multiple, min_length=min_length, max_length=max_length)
+        length = bucket_length(
+            longest, multiple=multiple, min_length=min_length, max_length=max_length
+        )
     elif longest > length:
         i = next(i for i, r in enumerate(rows) if len(r) > length)
         raise DataError(f"row {i}: {len(rows[i])} tokens do not fit the padded length {length}")
@@ -201,8 +203,15 @@ def pack_prompts(
             raise DataError(f"prompts[{i}]: empty prompt (needs at least one token)")
         if length is not None and len(p) > length:
             raise DataError(f"prompts[{i}]: {len(p)} tokens do not fit the padded length {length}")
-    padded = pad_batch(prompts, pad_id, side="left", length=length, min_length=PROMPT_MIN_BUCKET,
-                       batch_size=batch_size, filler=True)
+    padded = pad_batch(
+        prompts,
+        pad_id,
+        side="left",
+        length=length,
+        min_length=PROMPT_MIN_BUCKET,
+        batch_size=batch_size,
+        filler=True,
+    )
     return PromptBatch(tokens=padded.ids, mask=padded.mask)
 
 
@@ -218,12 +227,13 @@ def sequence_length(prompts: Sequence[Ids], *responses: Sequence[Ids]) -> int:
 def pack_sequences(
     prompts: Sequence[Ids], responses: Sequence[Ids], pad_id: int, *, length: int | None = None
 ) -> Sequences:
-    """Right-padded prompt + response rows of length ``length`` (default: :func:`sequence_length`)."""
+    """Right-padded prompt + response rows, ``length`` long (default: :func:`sequence_length`)."""
     if len(prompts) != len(responses):
         raise DataError(f"pack: {len(prompts)} prompts but {len(responses)} responses")
     length = sequence_length(prompts, responses) if length is None else length
-    padded = pad_batch([[*p, *r] for p, r in zip(prompts, responses)], pad_id, side="right",
-                       length=length)
+    padded = pad_batch(
+        [[*p, *r] for p, r in zip(prompts, responses)], pad_id, side="right", length=length
+    )
     loss = np.zeros_like(padded.mask)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         loss[i, len(p) : len(p) + len(r)] = True

@@ -1,4 +1,4 @@
-"""Programmatic judge: a Python function ``fn(prompt, response) -> float`` named ``module:function``.
+"""Programmatic judge: a Python function ``fn(prompt, response) -> float``, ``module:function``.
 
 Synthetic verifiable tasks (sorting, counting, copying; :mod:`jaxselm.data.tasks`) know the right
 answer from the prompt alone, so their "AI feedback" is an exact verifier -- no model, no network,
@@ -87,14 +87,16 @@ class ProgrammaticJudge(Judge):
                 value, (numbers.Real, np.floating, np.integer, np.bool_)
             ):  # bools count as 0/1
                 raise JudgeError(
-                    f"judge.function: {self.name} returned {type(value).__name__} on item {i}; expected a float"
+                    f"judge.function: {self.name} returned {type(value).__name__} on item {i}; "
+                    "expected a float"
                 )
             value = float(value)
             if math.isnan(value):
                 self._count("failures")
             elif math.isinf(value):
                 raise JudgeError(
-                    f"judge.function: {self.name} returned {value} on item {i}; expected a finite float"
+                    f"judge.function: {self.name} returned {value} on item {i}; "
+                    "expected a finite float"
                 )
             out[i] = value
         return out

@@ -66,7 +66,8 @@ class RewardModelJudge(Judge):
             )
         if not isinstance(params, Mapping) or "score" not in params:
             raise JudgeError(
-                "judge.checkpoint: params have no reward head 'score' (load the model with head='reward')"
+                "judge.checkpoint: params have no reward head 'score' "
+                "(load the model with head='reward')"
             )
         if not callable(getattr(tokenizer, "encode", None)):
             raise JudgeError(
@@ -141,9 +142,15 @@ class RewardModelJudge(Judge):
             idx = order[start : start + self.batch_size]
             # Right-padded to a power-of-two bucket; filler rows (one real token) complete the
             # batch and their scores are discarded.
-            padded = pad_batch([seqs[i] for i in idx], self.pad_id, side="right",
-                               min_length=self.min_bucket, max_length=self.max_length,
-                               batch_size=self.batch_size, filler=True)
+            padded = pad_batch(
+                [seqs[i] for i in idx],
+                self.pad_id,
+                side="right",
+                min_length=self.min_bucket,
+                max_length=self.max_length,
+                batch_size=self.batch_size,
+                filler=True,
+            )
             tokens, mask = padded.ids, padded.mask
             t = tokens.shape[1]
             if (self.batch_size, t) not in self._shapes:
@@ -171,7 +178,8 @@ class RewardModelJudge(Judge):
         """Bradley-Terry probability sigmoid(r_a - r_b) that ``a`` beats ``b``."""
         if len(responses_a) != len(prompts) or len(responses_b) != len(prompts):
             raise JudgeError(
-                f"judge: got {len(prompts)} prompts, {len(responses_a)} and {len(responses_b)} responses"
+                f"judge: got {len(prompts)} prompts, {len(responses_a)} and {len(responses_b)} "
+                "responses"
             )
         n = len(prompts)
         s = self.score([*prompts, *prompts], [*responses_a, *responses_b])
@@ -180,6 +188,7 @@ class RewardModelJudge(Judge):
 
     def __repr__(self) -> str:
         return (
-            f"RewardModelJudge(layers={self.model_config.num_layers}, hidden={self.model_config.hidden_size}, "
+            f"RewardModelJudge(layers={self.model_config.num_layers}, "
+            f"hidden={self.model_config.hidden_size}, "
             f"batch_size={self.batch_size}, max_length={self.max_length})"
         )

@@ -1,4 +1,4 @@
-"""Llama-family decoder (RoPE / CoPE / both / none / learned absolute) as pure functions over params."""
+"""Llama-family decoder (RoPE / CoPE / both / none / learned absolute), pure functions of params."""
 
 from jaxselm.model.api import (
     abstract_params,

@@ -120,8 +120,13 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
 def cache_logical_axes() -> KVCache:
     """Logical axis names of each cache field (batch over data, kv heads over tensor)."""
     kv = PartitionSpec("layers", "batch", "length", "kv_heads", "head_dim")
-    return KVCache(k=kv, v=kv, mask=PartitionSpec("batch", "length"), index=PartitionSpec(),
-                   next_pos=PartitionSpec("batch"))
+    return KVCache(
+        k=kv,
+        v=kv,
+        mask=PartitionSpec("batch", "length"),
+        index=PartitionSpec(),
+        next_pos=PartitionSpec("batch"),
+    )
 
 
 def apply_with_cache(

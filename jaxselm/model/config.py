@@ -93,9 +93,13 @@ class ModelConfig(FrozenConfig):
             return ValueError(f"{field}: {msg}")
 
         if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise bad("num_heads", f"{self.num_heads} does not divide hidden_size={self.hidden_size}")
+            raise bad(
+                "num_heads", f"{self.num_heads} does not divide hidden_size={self.hidden_size}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise bad("num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}")
+            raise bad(
+                "num_kv_heads", f"{self.num_kv_heads} does not divide num_heads={self.num_heads}"
+            )
         if self.head_dim is None and (self.hidden_size // self.num_heads) % 2 and self.uses_rope:
             raise bad("num_heads", "RoPE needs an even head dimension")
         if self.head_dim is not None and self.head_dim % 2 and self.uses_rope:
@@ -132,14 +136,14 @@ class ModelConfig(FrozenConfig):
     def num_params(self, *, head: str = "lm") -> int:
         """Number of parameters of the model with the LM head (``head="lm"``) or reward head."""
         e, d = self.hidden_size, self.resolved_head_dim
-        h, k, f, l = self.num_heads, self.num_kv_heads, self.intermediate_size, self.num_layers
+        h, k, f = self.num_heads, self.num_kv_heads, self.intermediate_size
         attn = e * h * d + 2 * e * k * d + h * d * e
         mlp = 3 * e * f
         norms = 2 * e
         per_layer = attn + mlp + norms
-        n = l * per_layer + self.vocab_size * e + e  # embeddings and final norm
+        n = self.num_layers * per_layer + self.vocab_size * e + e  # embeddings and final norm
         if self.uses_cope:
-            n += self.cope_npos_max * d * (1 if self.cope_shared_across_layers else l)
+            n += self.cope_npos_max * d * (1 if self.cope_shared_across_layers else self.num_layers)
         if self.uses_absolute:
             n += self.max_position_embeddings * e
         if head == "lm":
@@ -159,7 +163,9 @@ class ModelConfig(FrozenConfig):
         e, d, h = self.hidden_size, self.resolved_head_dim, self.num_heads
         matmul_params = self.num_params() - self.vocab_size * e - (2 * self.num_layers + 1) * e
         if self.uses_cope:
-            matmul_params -= self.cope_npos_max * d * (1 if self.cope_shared_across_layers else self.num_layers)
+            matmul_params -= (
+                self.cope_npos_max * d * (1 if self.cope_shared_across_layers else self.num_layers)
+            )
         if self.uses_absolute:
             matmul_params -= self.max_position_embeddings * e
         if self.tie_embeddings:
@@ -173,56 +179,134 @@ class ModelConfig(FrozenConfig):
 _PRESETS: dict[str, dict[str, Any]] = {
     # Tests: a few thousand parameters, every code path (GQA, CoPE) reachable by .replace().
     "tiny": dict(
-        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-        intermediate_size=64, max_position_embeddings=256, position="rope",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        position="rope",
     ),
     "tiny-cope": dict(
-        vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-        intermediate_size=64, max_position_embeddings=256, position="cope", cope_npos_max=16,
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        position="cope",
+        cope_npos_max=16,
     ),
     # The CoPE paper's toy-task size (selective copy: dim 64, 2 layers, 2 heads).
     "cope-small": dict(
-        vocab_size=32, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
-        intermediate_size=256, max_position_embeddings=2048, position="cope", cope_npos_max=64,
+        vocab_size=32,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=2048,
+        position="cope",
+        cope_npos_max=64,
     ),
     # ~100M parameters, Llama-style: benchmarks of training and generation on CPU.
     "small-100m": dict(
-        vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
-        intermediate_size=2048, max_position_embeddings=2048, rope_theta=10000.0,
+        vocab_size=32000,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        intermediate_size=2048,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
         tie_embeddings=True,
     ),
     # ~1.1B parameters (TinyLlama's shape): accelerator MFU / decode benchmarks.
     "llama-1b": dict(
-        vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4,
-        intermediate_size=5632, max_position_embeddings=4096, rope_theta=10000.0, dtype="bfloat16",
+        vocab_size=32000,
+        hidden_size=2048,
+        num_layers=22,
+        num_heads=32,
+        num_kv_heads=4,
+        intermediate_size=5632,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        dtype="bfloat16",
     ),
     "llama3-8b": dict(
-        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=None, max_position_embeddings=8192, dtype="bfloat16",
+        vocab_size=128256,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=None,
+        max_position_embeddings=8192,
+        dtype="bfloat16",
     ),
     "llama3.1-8b": dict(
-        vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                          high_freq_factor=4.0, original_max_position_embeddings=8192),
-        max_position_embeddings=131072, dtype="bfloat16",
+        vocab_size=128256,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+        max_position_embeddings=131072,
+        dtype="bfloat16",
     ),
     "mistral-7b": dict(
-        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
-        max_position_embeddings=32768, dtype="bfloat16",
+        vocab_size=32000,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+        dtype="bfloat16",
     ),
     # Zephyr-7B-SFT is Mistral-7B-v0.1 fine-tuned: same architecture.
     "zephyr-7b": dict(
-        vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
-        intermediate_size=14336, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=4096,
-        max_position_embeddings=32768, dtype="bfloat16",
+        vocab_size=32000,
+        hidden_size=4096,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=4096,
+        max_position_embeddings=32768,
+        dtype="bfloat16",
     ),
     "map-neo-7b": dict(
-        vocab_size=64256, hidden_size=3072, num_layers=28, num_heads=16, num_kv_heads=16,
-        head_dim=192, intermediate_size=24576, rms_norm_eps=1e-5, rope_theta=10000.0,
-        max_position_embeddings=8192, tie_embeddings=False, dtype="bfloat16",
+        vocab_size=64256,
+        hidden_size=3072,
+        num_layers=28,
+        num_heads=16,
+        num_kv_heads=16,
+        head_dim=192,
+        intermediate_size=24576,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=8192,
+        tie_embeddings=False,
+        dtype="bfloat16",
     ),
 }
 

@@ -10,7 +10,7 @@ Layout (names chosen to map one-to-one onto HF LlamaForCausalLM tensors):
     layers/attn/k_proj/kernel      [L, E, K, D]  ("layers", "embed", "kv_heads", "head_dim")
     layers/attn/v_proj/kernel      [L, E, K, D]
     layers/attn/o_proj/kernel      [L, H, D, E]  ("layers", "heads", "head_dim", "embed")
-    layers/attn/cope_pos_emb       [L, P, D]     ("layers", "cope_pos", "head_dim")  (per-layer CoPE)
+    layers/attn/cope_pos_emb       [L, P, D]     ("layers", "cope_pos", "head_dim") per-layer CoPE
     cope_pos_emb                   [P, D]        shared CoPE table (cope_shared_across_layers)
     layers/mlp_norm/scale          [L, E]
     layers/mlp/{gate,up}_proj/kernel [L, E, F]   ("layers", "embed", "mlp")
@@ -90,11 +90,17 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param("kernel", _init(self.axes), (*self.in_shape, *self.out_shape), self.param_dtype)
+        kernel = self.param(
+            "kernel", _init(self.axes), (*self.in_shape, *self.out_shape), self.param_dtype
+        )
         n_in = len(self.in_shape)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())),
-                                preferred_element_type=jnp.float32)
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            (contract, ((), ())),
+            preferred_element_type=jnp.float32,
+        )
         return y.astype(self.dtype)
 
 
@@ -105,7 +111,9 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", _init(("embed",), nn.initializers.ones), (x.shape[-1],), self.param_dtype)
+        scale = self.param(
+            "scale", _init(("embed",), nn.initializers.ones), (x.shape[-1],), self.param_dtype
+        )
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return scale.astype(self.dtype) * y.astype(self.dtype)
@@ -139,8 +147,12 @@ class Attention(nn.Module):
             # The whole [L, B, S, K, D] cache travels in the scan carry and this layer writes its
             # slice in place (a per-layer scan input/output would copy the cache every step).
             ck, cv, li = layer_cache
-            ck = jax.lax.dynamic_update_slice(ck, key.astype(ck.dtype)[None], (li, 0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, val.astype(cv.dtype)[None], (li, 0, cache_index, 0, 0))
+            ck = jax.lax.dynamic_update_slice(
+                ck, key.astype(ck.dtype)[None], (li, 0, cache_index, 0, 0)
+            )
+            cv = jax.lax.dynamic_update_slice(
+                cv, val.astype(cv.dtype)[None], (li, 0, cache_index, 0, 0)
+            )
             new_cache = (ck, cv, li + 1)
             key = jax.lax.dynamic_index_in_dim(ck, li, axis=0, keepdims=False).astype(dt)
             val = jax.lax.dynamic_index_in_dim(cv, li, axis=0, keepdims=False).astype(dt)
@@ -150,15 +162,36 @@ class Attention(nn.Module):
             if cfg.cope_shared_across_layers:
                 pos_emb = shared_pos_emb
             else:
-                pos_emb = self.param("cope_pos_emb", _init(("cope_pos", "head_dim"), nn.initializers.zeros),
-                                     (cfg.cope_npos_max, d), pdt)
-            out = cope_attention(q, key, val, pos_emb.astype(dt), kv_mask=kv_mask, causal=True,
-                                 q_offset=q_offset, impl=cfg.cope_impl)
+                pos_emb = self.param(
+                    "cope_pos_emb",
+                    _init(("cope_pos", "head_dim"), nn.initializers.zeros),
+                    (cfg.cope_npos_max, d),
+                    pdt,
+                )
+            out = cope_attention(
+                q,
+                key,
+                val,
+                pos_emb.astype(dt),
+                kv_mask=kv_mask,
+                causal=True,
+                q_offset=q_offset,
+                impl=cfg.cope_impl,
+            )
         else:
-            out = masked_attention(q, key, val, kv_mask=kv_mask, causal=True, q_offset=q_offset,
-                                   sliding_window=cfg.sliding_window)
+            out = masked_attention(
+                q,
+                key,
+                val,
+                kv_mask=kv_mask,
+                causal=True,
+                q_offset=q_offset,
+                sliding_window=cfg.sliding_window,
+            )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        y = Linear((h, d), (cfg.hidden_size,), ("heads", "head_dim", "embed"), dt, pdt, name="o_proj")(out)
+        y = Linear(
+            (h, d), (cfg.hidden_size,), ("heads", "head_dim", "embed"), dt, pdt, name="o_proj"
+        )(out)
         return y, new_cache
 
 
@@ -186,8 +219,9 @@ class Block(nn.Module):
         cfg = self.config
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x)
-        a, new_cache = Attention(cfg, name="attn")(h, positions, kv_mask, layer_cache, cache_index,
-                                                   shared_pos_emb)
+        a, new_cache = Attention(cfg, name="attn")(
+            h, positions, kv_mask, layer_cache, cache_index, shared_pos_emb
+        )
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x)
         x = x + MLP(cfg, name="mlp")(h)
@@ -229,22 +263,32 @@ class Transformer(nn.Module):
         if positions is None:
             positions = base_pos + jnp.maximum(counts, 0)
 
-        embedding = self.param("embed", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt)
+        embedding = self.param(
+            "embed", _init(("vocab", "embed")), (cfg.vocab_size, cfg.hidden_size), pdt
+        )
         x = jnp.take(embedding, tokens, axis=0)
         if cfg.uses_absolute:
             # GPT-2's wpe: the position ids RoPE would use (real tokens counted, cache offset
             # added). The first dim is replicated (like the CoPE tables), the second follows embed.
             # Ids outside the table give NaN (jnp.take's fill mode), never a silently reused row.
-            pos_table = self.param("pos_embed", _init((None, "embed")),
-                                   (cfg.max_position_embeddings, cfg.hidden_size), pdt)
+            pos_table = self.param(
+                "pos_embed",
+                _init((None, "embed")),
+                (cfg.max_position_embeddings, cfg.hidden_size),
+                pdt,
+            )
             x = x + jnp.take(pos_table, positions, axis=0, mode="fill", fill_value=jnp.nan)
         x = x.astype(dt)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
         shared_pos_emb = None
         if cfg.uses_cope and cfg.cope_shared_across_layers:
-            shared_pos_emb = self.param("cope_pos_emb", _init(("cope_pos", "head_dim"), nn.initializers.zeros),
-                                        (cfg.cope_npos_max, cfg.resolved_head_dim), pdt)
+            shared_pos_emb = self.param(
+                "cope_pos_emb",
+                _init(("cope_pos", "head_dim"), nn.initializers.zeros),
+                (cfg.cope_npos_max, cfg.resolved_head_dim),
+                pdt,
+            )
 
         block = Block
         if cfg.remat:
@@ -257,7 +301,9 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        (x, new_layer_caches), _ = layers((x, layer_caches), positions, kv_mask, cache_index, shared_pos_emb)
+        (x, new_layer_caches), _ = layers(
+            (x, layer_caches), positions, kv_mask, cache_index, shared_pos_emb
+        )
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
         if last_only and self.head == "lm":
             # Only the last position (every row's last real token with left padding): what
@@ -270,12 +316,16 @@ class Transformer(nn.Module):
             if cfg.tie_embeddings:
                 w = embedding.T
             else:
-                w = self.param("lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt)
+                w = self.param(
+                    "lm_head", _init(("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), pdt
+                )
             out = jnp.dot(x, w.astype(dt), preferred_element_type=jnp.float32).astype(jnp.float32)
             out = nn.with_logical_constraint(out, ("batch", "length", "vocab"))
         else:
             w = self.param("score", _init(("embed", None)), (cfg.hidden_size, cfg.num_labels), pdt)
-            scores = jnp.dot(x, w.astype(dt), preferred_element_type=jnp.float32).astype(jnp.float32)
+            scores = jnp.dot(x, w.astype(dt), preferred_element_type=jnp.float32).astype(
+                jnp.float32
+            )
             # Score of the last real token of each row (HF LlamaForSequenceClassification pooling).
             last = jnp.max(jnp.where(mask, jnp.arange(t)[None, :], 0), axis=1)
             out = jnp.take_along_axis(scores, last[:, None, None], axis=1)[:, 0, :]
@@ -283,7 +333,10 @@ class Transformer(nn.Module):
         if cache is None:
             return out
         new_cache = KVCache(
-            k=new_layer_caches[0], v=new_layer_caches[1], mask=kv_mask,
-            index=cache.index + t, next_pos=cache.next_pos + jnp.sum(mask, axis=1, dtype=jnp.int32),
+            k=new_layer_caches[0],
+            v=new_layer_caches[1],
+            mask=kv_mask,
+            index=cache.index + t,
+            next_pos=cache.next_pos + jnp.sum(mask, axis=1, dtype=jnp.int32),
         )
         return out, new_cache

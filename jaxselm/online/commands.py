@@ -57,8 +57,11 @@ def read_prompts_file(path: str, prompts: PromptSet) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{i}: needs a 'prompt' string or a 'messages' list")
         prompt = row.get("prompt") or row["messages"][-1].get("content", "")
         messages = row.get("messages") or [{"role": "user", "content": prompt}]
-        rec = {"id": str(row.get("id", row.get("prompt_id", i))), "prompt": prompt,
-               "messages": messages}
+        rec = {
+            "id": str(row.get("id", row.get("prompt_id", i))),
+            "prompt": prompt,
+            "messages": messages,
+        }
         rec["prompt_ids"] = prompts.encode_prompt(rec)
         recs.append(rec)
     if not recs:
@@ -68,46 +71,65 @@ def read_prompts_file(path: str, prompts: PromptSet) -> list[dict[str, Any]]:
 
 def respond(ctx: RunContext, params: Any, recs: list[dict[str, Any]], *, greedy: bool) -> list[str]:
     """One response (text) of the policy to each prompt record."""
-    gen, _ = rollout(ctx, params, len(recs), lambda pos: [recs[int(i)] for i in pos],
-                     key=jax.random.fold_in(ctx.key, 1000), n=1, greedy=greedy,
-                     temperature=ctx.cfg.online.temperature, desc="generate")
+    gen, _ = rollout(
+        ctx,
+        params,
+        len(recs),
+        lambda pos: [recs[int(i)] for i in pos],
+        key=jax.random.fold_in(ctx.key, 1000),
+        n=1,
+        greedy=greedy,
+        temperature=ctx.cfg.online.temperature,
+        desc="generate",
+    )
     return [ctx.text(r) for r in gen.responses()]
 
 
-def generate_command(cfg: RunConfig, checkpoint: str, prompts_path: str | None, output: str, *,
-                     greedy: bool) -> int:
+def generate_command(
+    cfg: RunConfig, checkpoint: str, prompts_path: str | None, output: str, *, greedy: bool
+) -> int:
     ctx = RunContext.create(cfg)
     params = ctx.load_params(checkpoint)
-    recs = (read_prompts_file(prompts_path, ctx.prompts) if prompts_path
-            else ctx.prompts.evaluation())
+    recs = (
+        read_prompts_file(prompts_path, ctx.prompts) if prompts_path else ctx.prompts.evaluation()
+    )
     texts = respond(ctx, params, recs, greedy=greedy)
-    lines = [json.dumps({"id": r.get("id"), "prompt": r["prompt"], "response": t})
-             for r, t in zip(recs, texts)]
+    lines = [
+        json.dumps({"id": r.get("id"), "prompt": r["prompt"], "response": t})
+        for r, t in zip(recs, texts)
+    ]
     write_text(output, "".join(x + "\n" for x in lines))
     print(f"wrote {len(lines)} responses to {output}")
     return 0
 
 
-def eval_command(cfg: RunConfig, checkpoint: str, baseline: str | None,
-                 alpaca_eval: str | None) -> int:
+def eval_command(
+    cfg: RunConfig, checkpoint: str, baseline: str | None, alpaca_eval: str | None
+) -> int:
     ctx = RunContext.create(cfg)
     recs = ctx.prompts.evaluation()
     prompts = [r["prompt"] for r in recs]
     texts = respond(ctx, ctx.load_params(checkpoint), recs, greedy=True)
     scores = ctx.judge.score(prompts, texts)
-    result: dict[str, Any] = {"checkpoint": checkpoint, "n": len(recs),
-                              "reward": float(np.nanmean(scores)),
-                              "accuracy": float(np.mean(scores >= 1.0 - 1e-9))}
+    result: dict[str, Any] = {
+        "checkpoint": checkpoint,
+        "n": len(recs),
+        "reward": float(np.nanmean(scores)),
+        "accuracy": float(np.mean(scores >= 1.0 - 1e-9)),
+    }
     if baseline:
         base = respond(ctx, ctx.load_params(baseline), recs, greedy=True)
         wins = ctx.judge.compare_batch(prompts, texts, base)
-        result.update(baseline=baseline, win_rate=float(np.nanmean(wins)),
-                      judged=int(np.isfinite(wins).sum()))
+        result.update(
+            baseline=baseline, win_rate=float(np.nanmean(wins)), judged=int(np.isfinite(wins).sum())
+        )
     print(json.dumps(result, indent=1))
     if alpaca_eval:
         generator = Path(checkpoint).name or "jaxselm"
-        rows = [{"instruction": p, "output": t, "generator": generator, "dataset": "jaxselm"}
-                for p, t in zip(prompts, texts)]
+        rows = [
+            {"instruction": p, "output": t, "generator": generator, "dataset": "jaxselm"}
+            for p, t in zip(prompts, texts)
+        ]
         write_text(alpaca_eval, json.dumps(rows, indent=1, ensure_ascii=False))
         print(f"wrote AlpacaEval outputs to {alpaca_eval}")
     return 0
@@ -117,8 +139,9 @@ def train_rm_command(cfg: RunConfig, *, steps: int | None) -> int:
     """Fit a scalar-head reward model with the Bradley-Terry loss on (prompt, chosen, rejected)
     rows; saved (with its model config) to OUTPUT_DIR/reward_model/params."""
     if cfg.data.source != "prompts":
-        raise ConfigError("data.source: reward-model training needs a preference file "
-                          "(data.source: prompts)")
+        raise ConfigError(
+            "data.source: reward-model training needs a preference file (data.source: prompts)"
+        )
     ctx = RunContext.create(cfg, with_judge=False)
     rows = [r for r in ctx.prompts.training_rows() if r.get("chosen") and r.get("rejected")]
     if not rows:
@@ -127,30 +150,36 @@ def train_rm_command(cfg: RunConfig, *, steps: int | None) -> int:
     chosen = [ctx.prompts.encode_response(text_of(r["chosen"])) for r in rows]
     rejected = [ctx.prompts.encode_response(text_of(r["rejected"])) for r in rows]
     length = sequence_length(prompts, chosen, rejected)
-    data = PreferenceBatch(chosen=pack_sequences(prompts, chosen, ctx.pad_id, length=length),
-                           rejected=pack_sequences(prompts, rejected, ctx.pad_id, length=length))
+    data = PreferenceBatch(
+        chosen=pack_sequences(prompts, chosen, ctx.pad_id, length=length),
+        rejected=pack_sequences(prompts, rejected, ctx.pad_id, length=length),
+    )
     bs = cfg.online.batch_size
     total = steps or math.ceil(len(rows) / bs) * cfg.online.epochs
     opt = cfg.train.optimizer.replace(learning_rate=cfg.online.learning_rate(1), total_steps=total)
     tx = make_optimizer(opt)
     step = make_reward_model_step(ctx.model, cfg.train.replace(optimizer=opt), tx, ctx.mesh)
     rng = ctx.rng(0xB7)
-    order = np.concatenate([rng.permutation(len(rows))
-                            for _ in range(math.ceil(total * bs / len(rows)) + 1)])
+    order = np.concatenate(
+        [rng.permutation(len(rows)) for _ in range(math.ceil(total * bs / len(rows)) + 1)]
+    )
     out = ctx.out / "reward_model"
     metrics = MetricsWriter(out, tensorboard=cfg.run.tensorboard)
     loop = TrainLoop(step, total, name="train-rm", show_progress=cfg.run.progress)
     loop.add_hook(lambda s, m: metrics.write("train_rm", s, to_host(m)))
     try:
         params = _reward_model_start(ctx)
-        state = loop.run(lambda: params, tx, lambda s: take_rows(data, order[s * bs : (s + 1) * bs]))
+        state = loop.run(
+            lambda: params, tx, lambda s: take_rows(data, order[s * bs : (s + 1) * bs])
+        )
     finally:
         metrics.close()
-    save_params(out / "params", state.params, model_config=ctx.model, head="reward",
-                overwrite=True)
+    save_params(out / "params", state.params, model_config=ctx.model, head="reward", overwrite=True)
     last = metrics.read("train_rm")[-1]
-    print(f"reward model: {total} steps, final loss {last[M.LOSS]:.4f}, "
-          f"accuracy {last[M.RM_ACCURACY]:.3f}; saved to {out / 'params'}")
+    print(
+        f"reward model: {total} steps, final loss {last[M.LOSS]:.4f}, "
+        f"accuracy {last[M.RM_ACCURACY]:.3f}; saved to {out / 'params'}"
+    )
     return 0
 
 
@@ -161,16 +190,18 @@ def _reward_model_start(ctx: RunContext) -> Any:
     fresh = jax.jit(lambda k: init_params(model, k, head="reward"), out_shardings=shardings)
     if ctx.cfg.init.checkpoint is None:
         return fresh(ctx.key)
-    _, params = load_checkpoint(ctx.cfg.init.checkpoint, head=None, model_config=model,
-                                mesh=ctx.mesh)
+    _, params = load_checkpoint(
+        ctx.cfg.init.checkpoint, head=None, model_config=model, mesh=ctx.mesh
+    )
     if "score" not in params:  # a CausalLM: keep the trunk, add a fresh score head
         params = {k: v for k, v in params.items() if k != "lm_head"}
         params["score"] = fresh(jax.random.fold_in(ctx.key, 7))["score"]
     return params
 
 
-def convert_command(src: str, inp: str, output: str, cfg: RunConfig | None, *, dtype: str | None,
-                    head: str) -> int:
+def convert_command(
+    src: str, inp: str, output: str, cfg: RunConfig | None, *, dtype: str | None, head: str
+) -> int:
     """HF directory -> params export (with its model config), or any checkpoint -> HF directory.
     ``cfg`` (optional) is the run config whose model the checkpoint must be."""
     model: ModelConfig | None = cfg.model if cfg is not None else None

@@ -79,7 +79,7 @@ class DataSection(FrozenConfig):
     max_prompt_tokens: PositiveInt = 512
 
     @model_validator(mode="after")
-    def _check(self) -> "DataSection":
+    def _check(self) -> DataSection:
         if self.source == "prompts" and not self.prompts_path:
             raise ValueError("prompts_path: required when data.source is 'prompts'")
         if self.source == "prompts" and not self.tokenizer:
@@ -98,7 +98,9 @@ class SFTSection(FrozenConfig):
     batch_size: PositiveInt = 32
     learning_rate: PositiveFloat = 1e-3
     demonstrations: PositiveInt = 2048  # synthetic tasks: how many imperfect demonstrations
-    corrupt_prob: Probability = 0.3  # synthetic tasks: fraction of demonstrations with a wrong answer
+    corrupt_prob: Probability = (
+        0.3  # synthetic tasks: fraction of demonstrations with a wrong answer
+    )
 
 
 class OnlineSection(FrozenConfig):
@@ -128,17 +130,21 @@ class OnlineSection(FrozenConfig):
     num_eval_prompts: PositiveInt | None = None  # None: data.num_eval_prompts
 
     @model_validator(mode="after")
-    def _check(self) -> "OnlineSection":
+    def _check(self) -> OnlineSection:
         lrs = self.learning_rates
         if isinstance(lrs, list) and len(lrs) != self.iterations:
             raise ValueError(f"learning_rates: {len(lrs)} values for {self.iterations} iterations")
         if self.alphas is not None and len(self.alphas) != self.iterations:
             raise ValueError(f"alphas: {len(self.alphas)} values for {self.iterations} iterations")
         if self.greedy and self.samples_per_prompt != 1:
-            raise ValueError("samples_per_prompt: greedy generation gives one response per prompt (set 1)")
+            raise ValueError(
+                "samples_per_prompt: greedy generation gives one response per prompt (set 1)"
+            )
         if self.samples_per_prompt < 2 and not self.include_dataset_responses:
-            raise ValueError("samples_per_prompt: need >= 2 samples to form a pair "
-                             "(or include_dataset_responses)")
+            raise ValueError(
+                "samples_per_prompt: need >= 2 samples to form a pair "
+                "(or include_dataset_responses)"
+            )
         return self
 
     def learning_rate(self, t: int) -> float:

@@ -36,6 +36,7 @@ from jaxselm.parallel.multihost import any_process, barrier, is_primary
 from jaxselm.preemption import Preempted
 from jaxselm.train import ReferenceFn, make_reference_fn, params_shardings_for, save_params
 
+
 def _quiet(*args: Any, **kwargs: Any) -> None:
     """The log function of processes other than 0."""
 
@@ -57,14 +58,22 @@ class RunContext:
         model = cfg.model
         tok = build_tokenizer(cfg)
         if tok.vocab_size > model.vocab_size:
-            raise ConfigError(f"model.vocab_size: {model.vocab_size} is smaller than the "
-                              f"tokenizer's {tok.vocab_size} tokens")
+            raise ConfigError(
+                f"model.vocab_size: {model.vocab_size} is smaller than the "
+                f"tokenizer's {tok.vocab_size} tokens"
+            )
         # Built before any work: a bad judge spec (import, env var, checkpoint) fails at once.
         judge = build_judge(cfg, tok) if with_judge else None
         mesh = make_mesh(cfg.mesh)
         prompts = PromptSet(cfg, tok, Path(cfg.run.output_dir))
-        return cls(cfg=cfg, tokenizer=tok, prompts=prompts, mesh=mesh, judge=judge,
-                   log=log if is_primary() else _quiet)
+        return cls(
+            cfg=cfg,
+            tokenizer=tok,
+            prompts=prompts,
+            mesh=mesh,
+            judge=judge,
+            log=log if is_primary() else _quiet,
+        )
 
     # -- shortcuts ---------------------------------------------------------------------------
     @property
@@ -158,5 +167,6 @@ def build_judge(cfg: RunConfig, tokenizer: Tokenizer) -> Judge:
         rm_cfg, params = load_checkpoint(jc.checkpoint, head="reward", model_config=own, mesh=mesh)
     except CheckpointError as err:
         raise CheckpointError(f"judge.checkpoint: {err}") from None
-    return make_judge(jc, params=params, model_config=rm_cfg, tokenizer=tokenizer,
-                      pad_id=tokenizer.pad_id)
+    return make_judge(
+        jc, params=params, model_config=rm_cfg, tokenizer=tokenizer, pad_id=tokenizer.pad_id
+    )

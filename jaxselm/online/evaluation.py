@@ -40,13 +40,21 @@ def evaluate(ctx: RunContext, t: int, params: Any, ref_params: Any | None) -> di
     None for t = 0); writes eval.json and the metrics record, and returns the record."""
     count = ctx.prompts.evaluation_size()
     key = jax.random.fold_in(jax.random.fold_in(ctx.key, t), 2)
-    greedy, recs = rollout(ctx, params, count, ctx.prompts.evaluation, key=key, n=1, greedy=True,
-                           temperature=1.0, desc=f"iter {t} eval")
+    greedy, recs = rollout(
+        ctx,
+        params,
+        count,
+        ctx.prompts.evaluation,
+        key=key,
+        n=1,
+        greedy=True,
+        temperature=1.0,
+        desc=f"iter {t} eval",
+    )
     folder = ctx.iter_dir(t) / "eval_prompts"
     share_records(folder, recs)
     # The texts the judge reads (process 0 only; the others' rows are NaN, never written).
-    prompts = ([r["prompt"] for r in shared_records(folder, count)] if is_primary()
-               else [""] * count)
+    prompts = [r["prompt"] for r in shared_records(folder, count)] if is_primary() else [""] * count
     resp = greedy.responses()
     texts = [ctx.text(r) for r in resp]
     scores = _scores(ctx, prompts, texts)
@@ -56,9 +64,17 @@ def evaluate(ctx: RunContext, t: int, params: Any, ref_params: Any | None) -> di
         M.EVAL_LENGTH: float(np.mean([len(r) for r in resp])),
         M.EVAL_DISTINCT_2: distinct_n(resp, 2),
     }
-    sampled, _ = rollout(ctx, params, count, lambda pos: [recs[int(i)] for i in pos],
-                         key=jax.random.fold_in(key, 1), n=1, greedy=False, temperature=1.0,
-                         desc=f"iter {t} sample")
+    sampled, _ = rollout(
+        ctx,
+        params,
+        count,
+        lambda pos: [recs[int(i)] for i in pos],
+        key=jax.random.fold_in(key, 1),
+        n=1,
+        greedy=False,
+        temperature=1.0,
+        desc=f"iter {t} sample",
+    )
     s_resp = sampled.responses()
     s_texts = [ctx.text(r) for r in s_resp]
     s_scores = _scores(ctx, prompts, s_texts)
@@ -66,18 +82,24 @@ def evaluate(ctx: RunContext, t: int, params: Any, ref_params: Any | None) -> di
     row[M.EVAL_SAMPLE_ACCURACY] = float(np.mean(s_scores >= CORRECT))
     if t > 0:  # against the previous iteration's policy, on the same prompts
         prev = read_json(ctx.iter_dir(t - 1) / EVAL)
-        for name, cur, old in ((M.EVAL_WIN_RATE, texts, prev["responses"]),
-                               (M.EVAL_SAMPLE_WIN_RATE, s_texts, prev.get("sampled_responses"))):
+        for name, cur, old in (
+            (M.EVAL_WIN_RATE, texts, prev["responses"]),
+            (M.EVAL_SAMPLE_WIN_RATE, s_texts, prev.get("sampled_responses")),
+        ):
             if old is not None:
-                wins = (ctx.judge.compare_batch(prompts, cur, old) if is_primary()
-                        else np.full(len(prompts), np.nan))
+                wins = (
+                    ctx.judge.compare_batch(prompts, cur, old)
+                    if is_primary()
+                    else np.full(len(prompts), np.nan)
+                )
                 row[name] = _mean(wins)
         row[M.EVAL_KL] = _kl(ctx, sampled, s_resp, ref_params)
         row.update(judge_stats(ctx, t))
         row.update(train_summary(ctx, t))
     fault_point(f"iter{t}/eval")
-    ctx.write_json(ctx.iter_dir(t) / EVAL, {"metrics": row, "responses": texts,
-                                            "sampled_responses": s_texts})
+    ctx.write_json(
+        ctx.iter_dir(t) / EVAL, {"metrics": row, "responses": texts, "sampled_responses": s_texts}
+    )
     ctx.metrics.write("iteration", t, row, iteration=t)
     return row
 

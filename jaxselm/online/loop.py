@@ -65,8 +65,9 @@ def run_offline(cfg: RunConfig, *, log=print) -> int:
     """Offline preference training on the dataset's (chosen, rejected) pairs: one 'iteration'
     from policy/iter_00, y_ref the start policy's greedy response (SELM / XPO)."""
     if cfg.data.source != "prompts":
-        raise ConfigError("data.source: offline training needs a preference file "
-                          "(data.source: prompts)")
+        raise ConfigError(
+            "data.source: offline training needs a preference file (data.source: prompts)"
+        )
     return Run(RunContext.create(cfg, log=log)).offline()
 
 
@@ -155,8 +156,11 @@ class Run:
         saved, since training is then not redone); every record of later iterations."""
         ctx = self.ctx
         trained = ctx.policy_dir(t).exists()
-        ckpt = None if trained else latest_step(
-            ctx.out / "sft" / "ckpt" if t == 0 else ctx.iter_dir(t) / "ckpt")
+        ckpt = (
+            None
+            if trained
+            else latest_step(ctx.out / "sft" / "ckpt" if t == 0 else ctx.iter_dir(t) / "ckpt")
+        )
 
         def keep(rec: dict[str, Any]) -> bool:
             it = rec.get("iteration", 0)
@@ -178,8 +182,10 @@ class Run:
         digest = config_digest(ctx.cfg)
         if (ctx.out / STATE).exists():
             if read_json(ctx.out / STATE).get("config_digest") != digest:
-                raise ConfigError(f"run.output_dir: {ctx.out} holds a run with different "
-                                  "settings; use a new output_dir (or the same config to resume)")
+                raise ConfigError(
+                    f"run.output_dir: {ctx.out} holds a run with different "
+                    "settings; use a new output_dir (or the same config to resume)"
+                )
         else:
             if is_primary():
                 write_json(ctx.out / "config.json", ctx.cfg.model_dump(mode="json"))
@@ -212,5 +218,6 @@ class Run:
         return int(read_json(self.ctx.out / STATE)["completed_iterations"])
 
     def _set_completed(self, t: int) -> None:
-        self.ctx.write_json(self.ctx.out / STATE, {**read_json(self.ctx.out / STATE),
-                                                   "completed_iterations": t})
+        self.ctx.write_json(
+            self.ctx.out / STATE, {**read_json(self.ctx.out / STATE), "completed_iterations": t}
+        )

@@ -97,8 +97,13 @@ def plot_iterations(records: list[dict[str, Any]], path: str | os.PathLike, *, k
     # (a notebook keeps its inline plots).
     from matplotlib.figure import Figure
 
-    keys = keys or [M.EVAL_SAMPLE_ACCURACY, M.EVAL_ACCURACY, M.EVAL_SAMPLE_REWARD,
-                    M.EVAL_SAMPLE_WIN_RATE, M.EVAL_KL]
+    keys = keys or [
+        M.EVAL_SAMPLE_ACCURACY,
+        M.EVAL_ACCURACY,
+        M.EVAL_SAMPLE_REWARD,
+        M.EVAL_SAMPLE_WIN_RATE,
+        M.EVAL_KL,
+    ]
     keys = [k for k in keys if any(r.get(k) is not None for r in records)]
     if not keys:
         return

@@ -63,8 +63,9 @@ class PairSet:
         self.length = sequence_length(self.prompts, *self.responses.values())
 
     @classmethod
-    def of_sequences(cls, prompts: Sequence[list[int]], responses: Sequence[list[int]],
-                     pad_id: int) -> PairSet:
+    def of_sequences(
+        cls, prompts: Sequence[list[int]], responses: Sequence[list[int]], pad_id: int
+    ) -> PairSet:
         """(prompt, response) rows as chosen = rejected = y_ref (to score them with the
         log-prob machinery of pairs)."""
         pairs = [{"prompt_index": i, **dict.fromkeys(RESPONSES, i)} for i in range(len(prompts))]
@@ -80,5 +81,11 @@ class PairSet:
         def pick(name: str) -> list[list[int]] | None:
             return [self.responses[name][int(i)] for i in rows] if name in names else None
 
-        return pack_preferences(prompts, pick("chosen"), pick("rejected"), pick("refresp"),
-                                pad_id=self.pad_id, length=self.length)
+        return pack_preferences(
+            prompts,
+            pick("chosen"),
+            pick("rejected"),
+            pick("refresp"),
+            pad_id=self.pad_id,
+            length=self.length,
+        )

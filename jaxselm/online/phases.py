@@ -74,19 +74,23 @@ def sft(ctx: RunContext, params: Any) -> Any:
     cfg, s = ctx.cfg, ctx.cfg.sft
     n = ctx.prompts.demonstration_count()
     rng = ctx.rng(0x5F7)
-    order = np.concatenate([rng.permutation(n)
-                            for _ in range(math.ceil(s.steps * s.batch_size / n) + 1)])
+    order = np.concatenate(
+        [rng.permutation(n) for _ in range(math.ceil(s.steps * s.batch_size / n) + 1)]
+    )
     mine = local_batch_rows(s.batch_size, ctx.mesh)
     rows_of = [order[i * s.batch_size : (i + 1) * s.batch_size][mine] for i in range(s.steps)]
     wanted = sorted(set(np.concatenate(rows_of).tolist())) if rows_of else []
     demos = dict(zip(wanted, ctx.prompts.demonstrations(wanted)))
-    longest = process_max(max((len(d["prompt_ids"]) + len(d["response_ids"])
-                               for d in demos.values()), default=1))
+    longest = process_max(
+        max((len(d["prompt_ids"]) + len(d["response_ids"]) for d in demos.values()), default=1)
+    )
     limit = ctx.model.max_position_embeddings
     if longest > limit:
-        raise DataError(f"sft: a demonstration has {longest} tokens (prompt + response), over the "
-                        f"model context model.max_position_embeddings={limit}; lower "
-                        "data.max_prompt_tokens or online.max_new_tokens")
+        raise DataError(
+            f"sft: a demonstration has {longest} tokens (prompt + response), over the "
+            f"model context model.max_position_embeddings={limit}; lower "
+            "data.max_prompt_tokens or online.max_new_tokens"
+        )
     length = bucket_length(longest, multiple=SEQUENCE_MULTIPLE)
     opt = cfg.train.optimizer.replace(learning_rate=s.learning_rate, total_steps=s.steps)
     tx = make_optimizer(opt)
@@ -94,13 +98,18 @@ def sft(ctx: RunContext, params: Any) -> Any:
 
     def batch_at(i: int):
         local = [demos[int(r)] for r in rows_of[i]]
-        seqs = pack_sequences([d["prompt_ids"] for d in local], [d["response_ids"] for d in local],
-                              ctx.pad_id, length=length)
+        seqs = pack_sequences(
+            [d["prompt_ids"] for d in local],
+            [d["response_ids"] for d in local],
+            ctx.pad_id,
+            length=length,
+        )
         return make_global_batch(seqs, ctx.mesh, s.batch_size)
 
     loop = _train_loop(ctx, step, s.steps, "sft", ctx.out / "sft" / "ckpt", {"phase": "sft"})
-    loop.add_hook(lambda i, m: ctx.metrics.write("sft", i, to_host(m), iteration=0, iter_step=i),
-                  every=25)
+    loop.add_hook(
+        lambda i, m: ctx.metrics.write("sft", i, to_host(m), iteration=0, iter_step=i), every=25
+    )
     return loop.run(lambda: params, tx, batch_at).params
 
 
@@ -108,11 +117,18 @@ def generate(ctx: RunContext, t: int, params: Any) -> Generation:
     """``online.samples_per_prompt`` responses of the policy to each prompt of iteration t."""
     o = ctx.cfg.online
     d = ctx.iter_dir(t)
-    gen, recs = rollout(ctx, params, ctx.prompts.iteration_size(t),
-                        lambda pos: ctx.prompts.iteration(t, pos),
-                        key=jax.random.fold_in(jax.random.fold_in(ctx.key, t), 1),
-                        n=o.samples_per_prompt, greedy=o.greedy, temperature=o.temperature,
-                        desc=f"iter {t} generate", preemptible=True)
+    gen, recs = rollout(
+        ctx,
+        params,
+        ctx.prompts.iteration_size(t),
+        lambda pos: ctx.prompts.iteration(t, pos),
+        key=jax.random.fold_in(jax.random.fold_in(ctx.key, t), 1),
+        n=o.samples_per_prompt,
+        greedy=o.greedy,
+        temperature=o.temperature,
+        desc=f"iter {t} generate",
+        preemptible=True,
+    )
     share_records(d / "prompts", recs)  # before generate.safetensors: resume reads both
     fault_point(f"iter{t}/generate")
     gen.save(d / GENERATE, ctx)
@@ -138,8 +154,12 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
     judge.reset_stats()
     scores = np.full(p * n, np.nan)
     chunk = n * max(1, JUDGE_CHUNK // n)
-    for s in progress(range(0, p * n, chunk), total=math.ceil(p * n / chunk),
-                      desc=f"iter {t} judge", enabled=ctx.cfg.run.progress):
+    for s in progress(
+        range(0, p * n, chunk),
+        total=math.ceil(p * n / chunk),
+        desc=f"iter {t} judge",
+        enabled=ctx.cfg.run.progress,
+    ):
         scores[s : s + chunk] = judge.score(prompts[s : s + chunk], texts[s : s + chunk])
     fault_point(f"iter{t}/judge")
     scores = scores.reshape(p, n)
@@ -151,17 +171,31 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
         ds_scores = np.stack([ds[:p], ds[p:]], axis=1)
     eos = gen.finish == 0
     pairs, stats = build_pairs(
-        [r["prompt"] for r in recs], [[i * n + j for j in range(n)] for i in range(p)], scores,
-        dataset_chosen=ds_chosen, dataset_rejected=ds_rejected, dataset_scores=ds_scores,
-        min_margin=o.min_margin, no_eos_penalty=o.no_eos_penalty, eos_flags=eos,
-        refresp_choice=o.refresp, rng=ctx.rng(t, 0xFA1),
+        [r["prompt"] for r in recs],
+        [[i * n + j for j in range(n)] for i in range(p)],
+        scores,
+        dataset_chosen=ds_chosen,
+        dataset_rejected=ds_rejected,
+        dataset_scores=ds_scores,
+        min_margin=o.min_margin,
+        no_eos_penalty=o.no_eos_penalty,
+        eos_flags=eos,
+        refresp_choice=o.refresp,
+        rng=ctx.rng(t, 0xFA1),
     )
-    stats = {**stats, "distinct_1": distinct_n(responses, 1),
-             "distinct_2": distinct_n(responses, 2),
-             "sample_length": float(np.mean(gen.lengths)), "eos_rate": float(np.mean(eos)),
-             **{f"judge_{k}": v for k, v in judge.stats().items()}}
-    return {"scores": np.where(np.isnan(scores), None, scores).tolist(),
-            "pairs": [pair_to_json(x) for x in pairs], "stats": stats}
+    stats = {
+        **stats,
+        "distinct_1": distinct_n(responses, 1),
+        "distinct_2": distinct_n(responses, 2),
+        "sample_length": float(np.mean(gen.lengths)),
+        "eos_rate": float(np.mean(eos)),
+        **{f"judge_{k}": v for k, v in judge.stats().items()},
+    }
+    return {
+        "scores": np.where(np.isnan(scores), None, scores).tolist(),
+        "pairs": [pair_to_json(x) for x in pairs],
+        "stats": stats,
+    }
 
 
 def judge_stats(ctx: RunContext, t: int) -> dict[str, float]:
@@ -177,18 +211,35 @@ def offline_pairs(ctx: RunContext, t: int, ref_params: Any) -> None:
     d = ctx.iter_dir(t)
     n = ctx.prompts.training_size()
     if not (d / GENERATE).exists():
-        gen, recs = rollout(ctx, ref_params, n, ctx.prompts.training_rows,
-                            key=jax.random.fold_in(ctx.key, 11), n=1, greedy=True,
-                            temperature=1.0, desc="y_ref (greedy)", preemptible=True)
+        gen, recs = rollout(
+            ctx,
+            ref_params,
+            n,
+            ctx.prompts.training_rows,
+            key=jax.random.fold_in(ctx.key, 11),
+            n=1,
+            greedy=True,
+            temperature=1.0,
+            desc="y_ref (greedy)",
+            preemptible=True,
+        )
         share_records(d / "prompts", recs)
         gen.save(d / GENERATE, ctx)
     if not (d / JUDGE).exists():
         if is_primary():
             recs = shared_records(d / "prompts", n)
-            pairs = [{"prompt_index": i, "chosen": text_of(r["chosen"]),
-                      "rejected": text_of(r["rejected"]), "refresp": i, "chosen_score": 1.0,
-                      "rejected_score": 0.0}
-                     for i, r in enumerate(recs) if r.get("chosen") and r.get("rejected")]
+            pairs = [
+                {
+                    "prompt_index": i,
+                    "chosen": text_of(r["chosen"]),
+                    "rejected": text_of(r["rejected"]),
+                    "refresp": i,
+                    "chosen_score": 1.0,
+                    "rejected_score": 0.0,
+                }
+                for i, r in enumerate(recs)
+                if r.get("chosen") and r.get("rejected")
+            ]
             write_json(d / JUDGE, {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
         barrier(f"write {d / JUDGE}")
     if not read_json(d / JUDGE)["pairs"]:
@@ -198,12 +249,18 @@ def offline_pairs(ctx: RunContext, t: int, ref_params: Any) -> None:
 def load_pairs(ctx: RunContext, t: int) -> PairSet:
     """Iteration t's pairs (judge.json) over its generated token ids (generate.safetensors)."""
     gen = Generation.load(ctx.iter_dir(t) / GENERATE)
-    return PairSet(read_json(ctx.iter_dir(t) / JUDGE)["pairs"], gen.prompt_ids(),
-                   gen.responses(), ctx.prompts.encode_response, ctx.pad_id)
+    return PairSet(
+        read_json(ctx.iter_dir(t) / JUDGE)["pairs"],
+        gen.prompt_ids(),
+        gen.responses(),
+        ctx.prompts.encode_response,
+        ctx.pad_id,
+    )
 
 
-def sequence_logprobs(ctx: RunContext, params: Any, pairs: PairSet,
-                      names: tuple[str, ...]) -> LogProbs:
+def sequence_logprobs(
+    ctx: RunContext, params: Any, pairs: PairSet, names: tuple[str, ...]
+) -> LogProbs:
     """Summed log-probs under ``params`` of the responses ``names`` of every pair, in fixed-size
     global batches of ``online.batch_size`` (the last one wraps around; those rows are dropped)."""
     fn = ctx.reference_fn(names)
@@ -222,8 +279,11 @@ def sequence_logprobs(ctx: RunContext, params: Any, pairs: PairSet,
 def reference(ctx: RunContext, t: int, pairs: PairSet, ref_params: Any) -> LogProbs:
     """pi_ref's log-probs of the responses the loss needs, once per iteration."""
     ref = sequence_logprobs(ctx, ref_params, pairs, responses_for(ctx.cfg.train.loss))
-    arrays = {f.name: getattr(ref, f.name) for f in dataclasses.fields(ref)
-              if getattr(ref, f.name) is not None}
+    arrays = {
+        f.name: getattr(ref, f.name)
+        for f in dataclasses.fields(ref)
+        if getattr(ref, f.name) is not None
+    }
     ctx.write_arrays(ctx.iter_dir(t) / REFERENCE, arrays)
     return ref
 
@@ -257,17 +317,38 @@ def train(ctx: RunContext, t: int, pairs: PairSet, ref: LogProbs, ref_params: An
         batch = pairs.batch(rows, names).replace(ref_logps=take_rows(ref, rows))
         return make_global_batch(batch, ctx.mesh, bs)
 
-    loop = _train_loop(ctx, step, total, f"iter {t} train", ctx.iter_dir(t) / "ckpt",
-                       {"iteration": t, "phase": "train"}, fault_name=f"iter{t}/train")
-    loop.add_hook(lambda s, m: ctx.metrics.write("train", s, to_host(m), iteration=t,
-                                                 iter_step=s))
+    loop = _train_loop(
+        ctx,
+        step,
+        total,
+        f"iter {t} train",
+        ctx.iter_dir(t) / "ckpt",
+        {"iteration": t, "phase": "train"},
+        fault_name=f"iter{t}/train",
+    )
+    loop.add_hook(lambda s, m: ctx.metrics.write("train", s, to_host(m), iteration=t, iter_step=s))
     # A copy: the step donates its state, and pi_ref is used again (evaluation).
     return loop.run(lambda: jax.tree.map(jnp.copy, ref_params), tx, batch_at).params
 
 
-def _train_loop(ctx: RunContext, step, total: int, name: str, ckpt, metadata: dict,
-                fault_name: str | None = None) -> TrainLoop:
-    return TrainLoop(step, total, name=name, fault_name=fault_name, checkpoint_dir=ckpt,
-                     checkpoint_every=ctx.cfg.online.checkpoint_every,
-                     async_checkpoints=ctx.cfg.run.async_checkpoints, stop=ctx.stop,
-                     show_progress=ctx.cfg.run.progress, metadata=metadata)
+def _train_loop(
+    ctx: RunContext,
+    step,
+    total: int,
+    name: str,
+    ckpt,
+    metadata: dict,
+    fault_name: str | None = None,
+) -> TrainLoop:
+    return TrainLoop(
+        step,
+        total,
+        name=name,
+        fault_name=fault_name,
+        checkpoint_dir=ckpt,
+        checkpoint_every=ctx.cfg.online.checkpoint_every,
+        async_checkpoints=ctx.cfg.run.async_checkpoints,
+        stop=ctx.stop,
+        show_progress=ctx.cfg.run.progress,
+        metadata=metadata,
+    )

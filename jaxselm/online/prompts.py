@@ -48,8 +48,8 @@ class PromptSet:
     task makes just those examples; a prepared dataset is read by random access): in a
     multi-process run each host reads the rows its devices hold, never the whole dataset.
     With ``JAXSELM_READ_LOG=<dir>`` every read is appended to ``<dir>/reads.p<process>.jsonl``
-    (``{"set": "train"|"train_all"|"eval"|"sft", "positions": [...]}``, train reads with their ``iteration``),
-    to check which host read what.
+    (``{"set": "train"|"train_all"|"eval"|"sft", "positions": [...]}``, train reads with their
+    ``iteration``), to check which host read what.
     """
 
     def __init__(self, cfg: RunConfig, tokenizer: Tokenizer, work_dir: Path):
@@ -75,7 +75,9 @@ class PromptSet:
         self._src = _prompt_source(cfg, work_dir, cfg.data.prompts_path, "prompts_path")
         n = len(self._src)
         if cfg.data.eval_prompts_path:
-            self._eval_src = _prompt_source(cfg, work_dir, cfg.data.eval_prompts_path, "eval_prompts_path")
+            self._eval_src = _prompt_source(
+                cfg, work_dir, cfg.data.eval_prompts_path, "eval_prompts_path"
+            )
             self._n_train, self._eval_start, self._n_eval = n, 0, len(self._eval_src)
         else:  # hold out the last rows of the (prepared, shuffled) order
             n_eval = min(cfg.online.num_eval_prompts or cfg.data.num_eval_prompts, max(n // 10, 1))
@@ -88,7 +90,10 @@ class PromptSet:
         if self._read_log is not None:
             self._read_log.parent.mkdir(parents=True, exist_ok=True)
             with open(self._read_log, "a") as f:
-                f.write(json.dumps({"set": which, **where, "positions": [int(i) for i in positions]}) + "\n")
+                f.write(
+                    json.dumps({"set": which, **where, "positions": [int(i) for i in positions]})
+                    + "\n"
+                )
 
     # -- encoding ------------------------------------------------------------------------------
     def encode_prompt(self, rec: dict[str, Any]) -> list[int]:
@@ -100,7 +105,9 @@ class PromptSet:
             ids = tok.encode(text)
         limit = self.cfg.data.max_prompt_tokens
         if len(ids) > limit:
-            raise DataError(f"prompt {rec['id']}: {len(ids)} tokens exceed data.max_prompt_tokens={limit}")
+            raise DataError(
+                f"prompt {rec['id']}: {len(ids)} tokens exceed data.max_prompt_tokens={limit}"
+            )
         if not ids:
             raise DataError(f"prompt {rec['id']}: encodes to no tokens")
         return ids
@@ -136,7 +143,9 @@ class PromptSet:
         n = self.cfg.online.prompts_per_iteration
         if self.task is not None:
             return n
-        return len(iteration_indices(self._n_train, self.cfg.online.iterations, t - 1, self.seed)[:n])
+        return len(
+            iteration_indices(self._n_train, self.cfg.online.iterations, t - 1, self.seed)[:n]
+        )
 
     def iteration(self, t: int, positions: Any = None) -> list[dict[str, Any]]:
         """Prompts of iteration t (1-based), disjoint from every other iteration's: all of them,
@@ -145,7 +154,9 @@ class PromptSet:
         self._log_reads("train", pos, iteration=t)
         n = self.cfg.online.prompts_per_iteration
         if self.task is not None:
-            return self._finish([self.task.example(self.seed, "train", (t - 1) * n + i) for i in pos])
+            return self._finish(
+                [self.task.example(self.seed, "train", (t - 1) * n + i) for i in pos]
+            )
         idx = iteration_indices(self._n_train, self.cfg.online.iterations, t - 1, self.seed)[:n]
         return self._finish(self._src.get_many([int(idx[i]) for i in pos]) if pos else [])
 
@@ -175,7 +186,9 @@ class PromptSet:
         self._log_reads("eval", pos)
         if self.task is not None:
             return self._finish([self.task.example(self.seed, "test", i) for i in pos])
-        return self._finish(self._eval_src.get_many([self._eval_start + i for i in pos]) if pos else [])
+        return self._finish(
+            self._eval_src.get_many([self._eval_start + i for i in pos]) if pos else []
+        )
 
     def demonstration_count(self) -> int:
         n = self.cfg.sft.demonstrations
@@ -189,21 +202,37 @@ class PromptSet:
         pos = self._positions(positions, self.demonstration_count(), "demonstrations")
         self._log_reads("sft", pos)
         if self.task is not None:
-            recs = [make_demonstrations(self.task, 1, seed=self.seed, corrupt_prob=sft.corrupt_prob,
-                                        split="validation", start=i)[0] for i in pos]
+            recs = [
+                make_demonstrations(
+                    self.task,
+                    1,
+                    seed=self.seed,
+                    corrupt_prob=sft.corrupt_prob,
+                    split="validation",
+                    start=i,
+                )[0]
+                for i in pos
+            ]
         else:
             recs = []
-            for r in (self._src.get_many(pos) if pos else []):
+            for r in self._src.get_many(pos) if pos else []:
                 if not r.get("chosen"):
-                    raise DataError(f"{self.cfg.data.prompts_path}: row {r.get('id')!r} (prompt "
-                                    f"{str(r.get('prompt', ''))[:40]!r}) has no 'chosen' "
-                                    f"response for SFT (sft uses the first sft.demonstrations="
-                                    f"{sft.demonstrations} rows; or set sft.steps=0)")
+                    raise DataError(
+                        f"{self.cfg.data.prompts_path}: row {r.get('id')!r} (prompt "
+                        f"{str(r.get('prompt', ''))[:40]!r}) has no 'chosen' "
+                        f"response for SFT (sft uses the first sft.demonstrations="
+                        f"{sft.demonstrations} rows; or set sft.steps=0)"
+                    )
                 recs.append({**r, "response": text_of(r["chosen"])})
         out = []
         for r in recs:
-            out.append({"prompt_ids": self.encode_prompt(r), "response_ids": self.encode_response(r["response"]),
-                        "corrupted": bool(r.get("corrupted", False))})
+            out.append(
+                {
+                    "prompt_ids": self.encode_prompt(r),
+                    "response_ids": self.encode_response(r["response"]),
+                    "corrupted": bool(r.get("corrupted", False)),
+                }
+            )
         return out
 
 

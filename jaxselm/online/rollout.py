@@ -72,8 +72,10 @@ class Generation:
     def prompt_ids(self) -> list[list[int]]:
         """The prompts as id lists (left padding removed)."""
         width = self.prompt_tokens.shape[1]
-        return [list(map(int, self.prompt_tokens[i, width - int(n) :]))
-                for i, n in enumerate(self.prompt_lengths)]
+        return [
+            list(map(int, self.prompt_tokens[i, width - int(n) :]))
+            for i, n in enumerate(self.prompt_lengths)
+        ]
 
 
 def rollout(
@@ -108,11 +110,22 @@ def rollout(
         real_rows = [recs[int(p)]["prompt_ids"] for p in positions[b] if p < count]
         batch = pack_prompts(real_rows, ctx.pad_id, length=length, batch_size=len(mine))
         batch = make_global_batch(batch, ctx.mesh, bs)
-        res = generate(params, ctx.model, batch, rng=jax.random.fold_in(key, b),
-                       max_new_tokens=o.max_new_tokens, n=n, greedy=greedy,
-                       temperature=temperature, top_k=0 if greedy else o.top_k,
-                       top_p=1.0 if greedy else o.top_p, min_p=0.0 if greedy else o.min_p,
-                       stop_token_ids=ctx.stop_ids, pad_id=ctx.pad_id, mesh=ctx.mesh)
+        res = generate(
+            params,
+            ctx.model,
+            batch,
+            rng=jax.random.fold_in(key, b),
+            max_new_tokens=o.max_new_tokens,
+            n=n,
+            greedy=greedy,
+            temperature=temperature,
+            top_k=0 if greedy else o.top_k,
+            top_p=1.0 if greedy else o.top_p,
+            min_p=0.0 if greedy else o.min_p,
+            stop_token_ids=ctx.stop_ids,
+            pad_id=ctx.pad_id,
+            mesh=ctx.mesh,
+        )
         res, prompts = to_host((res, batch))
         real = min(bs, count - b * bs)
         out["tokens"].append(np.asarray(res.tokens)[:real])
@@ -130,9 +143,13 @@ def share_records(folder: Path, recs: dict[int, Record]) -> None:
     """Each process writes the prompt records it read (what the judge needs) to
     ``folder/part-<process>.json``; process 0 merges them with :func:`shared_records`."""
     keep = ("id", "prompt", "chosen", "rejected")
-    write_json(folder / f"part-{jax.process_index():05d}.json",
-               [{"position": int(p), **{k: r[k] for k in keep if k in r}}
-                for p, r in sorted(recs.items())])
+    write_json(
+        folder / f"part-{jax.process_index():05d}.json",
+        [
+            {"position": int(p), **{k: r[k] for k in keep if k in r}}
+            for p, r in sorted(recs.items())
+        ],
+    )
     barrier(f"shared {folder}")
 
 
@@ -144,6 +161,8 @@ def shared_records(folder: Path, count: int) -> list[Record]:
             by_position[int(rec["position"])] = rec
     missing = [i for i in range(count) if i not in by_position]
     if missing:
-        raise JaxselmError(f"{folder}: no host wrote the prompt record at position {missing[0]} "
-                           f"({len(missing)} of {count} missing)")
+        raise JaxselmError(
+            f"{folder}: no host wrote the prompt record at position {missing[0]} "
+            f"({len(missing)} of {count} missing)"
+        )
     return [by_position[i] for i in range(count)]

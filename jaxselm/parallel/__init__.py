@@ -1,6 +1,6 @@
 """Parallelism: meshes from config, the logical-axis rule table, shardings, multi-host batches.
 
-    from jaxselm.parallel import make_mesh, param_shardings, LOGICAL_AXIS_RULES
+from jaxselm.parallel import make_mesh, param_shardings, LOGICAL_AXIS_RULES
 """
 
 from jaxselm.parallel.mesh import (

@@ -24,8 +24,8 @@ import jax
 import numpy as np
 from pydantic import field_validator
 
-from jaxselm.errors import ConfigError
 from jaxselm.config_base import FrozenConfig
+from jaxselm.errors import ConfigError
 
 MESH_AXES: tuple[str, str, str] = ("data", "fsdp", "tensor")
 

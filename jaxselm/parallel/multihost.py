@@ -112,7 +112,9 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             local_ids = [int(x) for x in ids.split(",") if x.strip()]
         except ValueError:
-            raise DistributedError(f"{ENV_LOCAL_DEVICE_IDS}: expected e.g. 0,1,2,3, got {ids!r}") from None
+            raise DistributedError(
+                f"{ENV_LOCAL_DEVICE_IDS}: expected e.g. 0,1,2,3, got {ids!r}"
+            ) from None
     return {
         "coordinator_address": env.get(ENV_COORDINATOR) or None,
         "num_processes": _env_int(env, ENV_NUM_PROCESSES, minimum=1),
@@ -122,19 +124,29 @@ def settings_from_env(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     }
 
 
-def _check_explicit(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    given = {ENV_COORDINATOR: coordinator, ENV_NUM_PROCESSES: num_processes, ENV_PROCESS_ID: process_id}
+def _check_explicit(
+    coordinator: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    given = {
+        ENV_COORDINATOR: coordinator,
+        ENV_NUM_PROCESSES: num_processes,
+        ENV_PROCESS_ID: process_id,
+    }
     if all(v is None for v in given.values()):
         return  # auto-detection (TPU, SLURM, Open MPI)
     missing = [k for k, v in given.items() if v is None]
     if missing:
-        raise DistributedError(f"{missing[0]}: required when {ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / "
-                               f"{ENV_PROCESS_ID} are used (set all three)")
+        raise DistributedError(
+            f"{missing[0]}: required when {ENV_COORDINATOR} / {ENV_NUM_PROCESSES} / "
+            f"{ENV_PROCESS_ID} are used (set all three)"
+        )
     host, sep, port = str(coordinator).rpartition(":")
     if not sep or not host or not port.isdigit():
         raise DistributedError(f"{ENV_COORDINATOR}: expected host:port, got {coordinator!r}")
     if process_id >= num_processes:  # type: ignore[operator]
-        raise DistributedError(f"{ENV_PROCESS_ID}: {process_id} is not below {ENV_NUM_PROCESSES}={num_processes}")
+        raise DistributedError(
+            f"{ENV_PROCESS_ID}: {process_id} is not below {ENV_NUM_PROCESSES}={num_processes}"
+        )
 
 
 def _use_cpu_collectives(cpu_collectives: str | None, env: Mapping[str, str]) -> str | None:
@@ -172,8 +184,12 @@ def initialize_distributed(
     coordinator_address = coordinator_address or from_env["coordinator_address"]
     num_processes = num_processes if num_processes is not None else from_env["num_processes"]
     process_id = process_id if process_id is not None else from_env["process_id"]
-    local_device_ids = local_device_ids if local_device_ids is not None else from_env["local_device_ids"]
-    timeout = timeout_s if timeout_s is not None else (from_env["timeout_s"] or DEFAULT_INIT_TIMEOUT_S)
+    local_device_ids = (
+        local_device_ids if local_device_ids is not None else from_env["local_device_ids"]
+    )
+    timeout = (
+        timeout_s if timeout_s is not None else (from_env["timeout_s"] or DEFAULT_INIT_TIMEOUT_S)
+    )
     _check_explicit(coordinator_address, num_processes, process_id)
 
     collectives = _use_cpu_collectives(cpu_collectives, env)
@@ -181,8 +197,10 @@ def initialize_distributed(
         try:
             jax.config.update("jax_cpu_collectives_implementation", collectives)
         except (AttributeError, KeyError, ValueError) as err:  # option renamed in a later JAX
-            raise DistributedError(f"{ENV_CPU_COLLECTIVES}: this JAX does not accept "
-                                   f"{collectives!r} CPU collectives ({err})") from err
+            raise DistributedError(
+                f"{ENV_CPU_COLLECTIVES}: this JAX does not accept "
+                f"{collectives!r} CPU collectives ({err})"
+            ) from err
 
     result: dict[str, BaseException] = {}
 
@@ -221,7 +239,9 @@ def initialize_distributed(
                 f"distributed init: no TPU / SLURM / Open MPI cluster detected ({text}); set "
                 f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}"
             ) from err
-        raise DistributedError(f"distributed init at {where} failed: {type(err).__name__}: {text}") from err
+        raise DistributedError(
+            f"distributed init at {where} failed: {type(err).__name__}: {text}"
+        ) from err
 
 
 def is_primary() -> bool:
@@ -278,7 +298,9 @@ def process_max(value: int) -> int:
         return int(value)
     from jax.experimental import multihost_utils
 
-    return int(np.asarray(multihost_utils.process_allgather(np.asarray([int(value)], np.int64))).max())
+    return int(
+        np.asarray(multihost_utils.process_allgather(np.asarray([int(value)], np.int64))).max()
+    )
 
 
 def local_batch_rows(
@@ -323,8 +345,10 @@ def make_global_batch(
         if np.ndim(local) == 0:
             raise ConfigError(f"{name}: expected a leading batch dimension, got a scalar")
         if np.shape(local)[0] != len(rows):
-            raise ConfigError(f"{name}: this process holds {len(rows)} of the {global_size} "
-                              f"rows, got {np.shape(local)[0]}")
+            raise ConfigError(
+                f"{name}: this process holds {len(rows)} of the {global_size} "
+                f"rows, got {np.shape(local)[0]}"
+            )
 
     jax.tree_util.tree_map_with_path(check, local_batch)
     if jax.process_count() == 1:

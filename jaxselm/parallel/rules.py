@@ -130,7 +130,7 @@ def opt_state_shardings(
 
 
 def path_name(path: tuple) -> str:
-    """"layers.attn.q_proj.kernel" from a pytree key path (dict keys, fields, indices)."""
+    """ "layers.attn.q_proj.kernel" from a pytree key path (dict keys, fields, indices)."""
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):

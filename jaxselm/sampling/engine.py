@@ -54,8 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from jaxselm.errors import ConfigError, DataError
-from jaxselm.data.packing import PromptBatch, pack_prompts
+from jaxselm.data.packing import PromptBatch
+from jaxselm.errors import ConfigError
 from jaxselm.model import (
     KVCache,
     ModelConfig,
@@ -65,6 +65,7 @@ from jaxselm.model import (
     param_logical_axes,
 )
 from jaxselm.parallel.rules import LOGICAL_AXIS_RULES, param_shardings
+from jaxselm.sampling.prompts import prompt_arrays
 from jaxselm.sampling.strategies import (
     apply_temperature,
     check_sampling_params,
@@ -105,61 +106,6 @@ class GenerationResult(NamedTuple):
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _row_blocks(arr: jax.Array) -> list[tuple[int, np.ndarray]]:
-    """(first global row, host copy) of each distinct block of rows this process holds."""
-    seen: dict[int, np.ndarray] = {}
-    for shard in arr.addressable_shards:
-        start = shard.index[0].start or 0
-        if start not in seen:
-            seen[start] = np.asarray(shard.data)
-    return sorted(seen.items())
-
-
-def _shift_row(message: str, offset: int) -> str:
-    """'prompts[i]: ...' of a block starting at row ``offset`` -> the global row."""
-    head, sep, rest = message.partition("]")
-    if sep and head.startswith("prompts[") and head[8:].isdigit():
-        return f"prompts[{int(head[8:]) + offset}]{rest}"
-    return message
-
-
-def _validate_prompts(
-    tokens: np.ndarray, mask: np.ndarray, config: ModelConfig, max_new_tokens: int
-) -> None:
-    b = tokens.shape[0]
-    lens = mask.sum(axis=1)
-    for i in range(b):
-        if lens[i] == 0:
-            raise DataError(f"prompts[{i}]: empty prompt (needs at least one token)")
-    not_left = np.nonzero((mask[:, 1:] < mask[:, :-1]).any(axis=1))[0]
-    if len(not_left):
-        raise DataError(
-            f"prompts[{not_left[0]}]: prompt_mask is not left-padded "
-            "(padding must precede the tokens)"
-        )
-    bad = np.nonzero(((tokens < 0) | (tokens >= config.vocab_size)) & mask)
-    if len(bad[0]):
-        i, j = int(bad[0][0]), int(bad[1][0])
-        raise DataError(
-            f"prompts[{i}]: token id {int(tokens[i, j])} at position {j} is outside the "
-            f"vocabulary [0, {config.vocab_size})"
-        )
-    ctx = config.max_position_embeddings
-    longest = int(lens.max())
-    too_long = np.nonzero(lens > ctx)[0]
-    if len(too_long):
-        i = int(too_long[0])
-        raise DataError(
-            f"prompts[{i}]: {int(lens[i])} tokens exceed the model context "
-            f"max_position_embeddings={ctx}"
-        )
-    if longest + max_new_tokens > ctx:
-        raise ConfigError(
-            f"max_new_tokens: {max_new_tokens} + longest prompt {longest} tokens exceeds the "
-            f"model context max_position_embeddings={ctx}"
-        )
 
 
 # -- sharding ------------------------------------------------------------------------------------
@@ -344,67 +290,39 @@ def _prepare(
     if not _is_int(n) or n < 1:
         raise ConfigError(f"n: samples per prompt must be an int >= 1 (got {n!r})")
     if not greedy:
-        check_sampling_params(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              vocab_size=config.vocab_size)
+        check_sampling_params(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            vocab_size=config.vocab_size,
+        )
     stop = tuple(int(x) for x in stop_token_ids)
     for x in stop:
         if not 0 <= x < config.vocab_size:
             raise ConfigError(
                 f"stop_token_ids: {x} is outside the vocabulary [0, {config.vocab_size})"
             )
-    if isinstance(prompts, PromptBatch):
-        if prompt_mask is not None:
-            raise DataError("prompt_mask: a PromptBatch carries its own mask")
-        prompts, prompt_mask = prompts.tokens, prompts.mask
-
-    if isinstance(prompts, jax.Array) and not prompts.is_fully_addressable:
-        # A global batch spanning other hosts (multi-process): each process checks the rows it
-        # holds, and the arrays stay where they are.
-        tok_arr, mask_arr = prompts, prompt_mask
-        if tok_arr.ndim != 2 or not jnp.issubdtype(tok_arr.dtype, jnp.integer):
-            raise DataError(f"prompts: expected an int array [B, T], got {tok_arr.dtype} {tok_arr.shape}")
-        if not isinstance(mask_arr, jax.Array) or mask_arr.shape != tok_arr.shape:
-            raise DataError(f"prompt_mask: a global batch of prompts needs a global mask shaped {tok_arr.shape}")
-        for t_shard, m_shard in zip(_row_blocks(tok_arr), _row_blocks(mask_arr)):
-            try:
-                _validate_prompts(t_shard[1], m_shard[1].astype(bool), config, max_new_tokens)
-            except DataError as err:  # name the global row
-                raise DataError(_shift_row(str(err), t_shard[0])) from None
-        tok_arr = jnp.where(mask_arr.astype(bool), tok_arr, 0).astype(jnp.int32)
-        mask_arr = mask_arr.astype(bool)
-    elif isinstance(prompts, (jax.Array, np.ndarray)):
-        tokens = np.asarray(prompts)
-        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise DataError(
-                f"prompts: expected an int array [B, T], got {tokens.dtype} {tokens.shape}"
-            )
-        if prompt_mask is None:
-            mask = np.ones(tokens.shape, bool)
-        else:
-            mask = np.asarray(prompt_mask).astype(bool)
-        if mask.shape != tokens.shape:
-            raise DataError(f"prompt_mask: shape {mask.shape} differs from prompts {tokens.shape}")
-        tokens = tokens.astype(np.int32)
-    else:
-        if prompt_mask is not None:
-            raise DataError("prompt_mask: only allowed with an array of prompts, not id lists")
-        packed = pack_prompts(prompts, pad_id)
-        tokens, mask = packed.tokens, packed.mask
-    if not isinstance(prompts, jax.Array) or prompts.is_fully_addressable:
-        _validate_prompts(tokens, mask, config, max_new_tokens)
-        tokens = np.where(mask, tokens, 0).astype(np.int32)  # the model sees id 0 in padding slots
-        tok_arr, mask_arr = jnp.asarray(tokens), jnp.asarray(mask)
+    tok_arr, mask_arr = prompt_arrays(
+        config, prompts, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id
+    )
 
     rules: Rules = tuple(
         (name, tuple(axes) if isinstance(axes, list) else axes)
         for name, axes in (DEFAULT_LOGICAL_RULES if logical_rules is None else logical_rules)
     )
     s = _Static(
-        config=config, max_new_tokens=int(max_new_tokens), n=int(n),
+        config=config,
+        max_new_tokens=int(max_new_tokens),
+        n=int(n),
         top_k=0 if greedy else int(top_k),
-        use_top_p=not greedy and top_p < 1.0, use_min_p=not greedy and min_p > 0.0,
+        use_top_p=not greedy and top_p < 1.0,
+        use_min_p=not greedy and min_p > 0.0,
         greedy=bool(greedy),
-        stop_token_ids=stop, pad_id=int(pad_id), cache_dtype=cache_dtype, mesh=mesh,
+        stop_token_ids=stop,
+        pad_id=int(pad_id),
+        cache_dtype=cache_dtype,
+        mesh=mesh,
         rules=rules if mesh is not None else (),
     )
     scalars = [jnp.asarray(v, jnp.float32) for v in (temperature, top_p, min_p)]
@@ -457,9 +375,22 @@ def generate(
     naming the culprit).
     """
     args, s = _prepare(
-        params, config, prompts, prompt_mask, rng=rng, max_new_tokens=max_new_tokens, n=n,
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, greedy=greedy,
-        stop_token_ids=stop_token_ids, pad_id=pad_id, cache_dtype=cache_dtype, mesh=mesh,
+        params,
+        config,
+        prompts,
+        prompt_mask,
+        rng=rng,
+        max_new_tokens=max_new_tokens,
+        n=n,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        greedy=greedy,
+        stop_token_ids=stop_token_ids,
+        pad_id=pad_id,
+        cache_dtype=cache_dtype,
+        mesh=mesh,
         logical_rules=logical_rules,
     )
     res = _generate_core(*args, s=s)

@@ -25,6 +25,7 @@ from jaxselm.train.losses import (
     xpo_loss,
 )
 from jaxselm.train.optimizer import OptimizerConfig, TrainConfig, make_optimizer, make_schedule
+from jaxselm.train.reference import ReferenceFn, make_reference_fn, reference_logprobs
 from jaxselm.train.state import (
     TrainState,
     abstract_train_state,
@@ -34,7 +35,6 @@ from jaxselm.train.state import (
     shard_train_state,
     state_shardings,
 )
-from jaxselm.train.reference import ReferenceFn, make_reference_fn, reference_logprobs
 from jaxselm.train.step import (
     ShardedStep,
     make_preference_step,

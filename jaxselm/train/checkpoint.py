@@ -84,7 +84,11 @@ class Checkpointer:
 
     # -- writing ------------------------------------------------------------------------------
     def save(
-        self, state: Any, *, step: int | None = None, metadata: dict[str, Any] | None = None,
+        self,
+        state: Any,
+        *,
+        step: int | None = None,
+        metadata: dict[str, Any] | None = None,
         force: bool = True,
     ) -> bool:
         """Start saving ``state`` (any pytree; a TrainState by default numbered by ``state.step``).
@@ -280,7 +284,9 @@ def export_metadata(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
         with ocp.StandardCheckpointer() as ckptr:
             custom = ckptr.metadata(where).custom_metadata or {}
     except Exception as err:
-        raise CheckpointError(f"params checkpoint {where} is unreadable ({_one_line(err)})") from err
+        raise CheckpointError(
+            f"params checkpoint {where} is unreadable ({_one_line(err)})"
+        ) from err
     meta = custom.get(_EXPORT_KEY)
     if not meta:
         return None

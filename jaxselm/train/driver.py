@@ -99,8 +99,9 @@ class TrainLoop:
 
         if self.checkpoint_dir is None:
             return self._steps(fresh(), 0, batch_at, None)
-        with Checkpointer(self.checkpoint_dir, max_to_keep=2,
-                          async_save=self.async_checkpoints) as ck:
+        with Checkpointer(
+            self.checkpoint_dir, max_to_keep=2, async_save=self.async_checkpoints
+        ) as ck:
             start = ck.latest_step()
             if start is None:
                 state, start = fresh(), 0
@@ -108,7 +109,8 @@ class TrainLoop:
                 target = jax.eval_shape(lambda: create_train_state(start_params(), optimizer))
                 target = jax.tree.map(
                     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                    target, shardings,
+                    target,
+                    shardings,
                 )
                 state, _ = ck.restore(target, step=start)
             return self._steps(state, start, batch_at, ck)
@@ -116,8 +118,9 @@ class TrainLoop:
     def _steps(self, state: TrainState, start: int, batch_at, ck: Checkpointer | None):
         total = self.total_steps
         fault = self.fault_name or self.name
-        for s in progress(range(start, total), total=total - start, desc=self.name,
-                          enabled=self.show_progress):
+        for s in progress(
+            range(start, total), total=total - start, desc=self.name, enabled=self.show_progress
+        ):
             state, metrics = self.step(state, batch_at(s))
             done = s + 1
             for fn, every in self.hooks:

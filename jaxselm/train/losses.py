@@ -100,7 +100,9 @@ def dpo_loss_terms(
     if label_smoothing:
         losses = (1.0 - label_smoothing) * losses - label_smoothing * jax.nn.log_sigmoid(-h)
     metrics = _preference_metrics(
-        pc, pr, beta * jax.lax.stop_gradient(chosen_logratio),
+        pc,
+        pr,
+        beta * jax.lax.stop_gradient(chosen_logratio),
         beta * jax.lax.stop_gradient(rejected_logratio),
     )
     return losses, metrics
@@ -120,8 +122,12 @@ def selm_loss_terms(
 ) -> tuple[jax.Array, Metrics]:
     """Per-example SELM losses [B] and metrics (each [B]); see :func:`selm_loss`."""
     losses, metrics = dpo_loss_terms(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-        beta=beta, label_smoothing=label_smoothing,
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        beta=beta,
+        label_smoothing=label_smoothing,
     )
     py, ry = _check_logps(policy_refresp, ref_refresp)
     refresp_logratio = py - jax.lax.stop_gradient(ry)
@@ -201,8 +207,12 @@ def dpo_loss(
     """
     return _mean(
         *dpo_loss_terms(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-            beta=beta, label_smoothing=label_smoothing,
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=beta,
+            label_smoothing=label_smoothing,
         )
     )
 
@@ -244,8 +254,15 @@ def selm_loss(
     """
     return _mean(
         *selm_loss_terms(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, policy_refresp, ref_refresp,
-            beta=beta, alpha=alpha, label_smoothing=label_smoothing,
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            policy_refresp,
+            ref_refresp,
+            beta=beta,
+            alpha=alpha,
+            label_smoothing=label_smoothing,
         )
     )
 
@@ -263,8 +280,13 @@ def xpo_loss(
     """XPO (Xie et al., 2024) as the mission states it: DPO + alpha * log pi(y_ref), batch mean."""
     return _mean(
         *xpo_loss_terms(
-            policy_chosen, policy_rejected, ref_chosen, ref_rejected, policy_refresp,
-            beta=beta, alpha=alpha,
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            policy_refresp,
+            beta=beta,
+            alpha=alpha,
         )
     )
 

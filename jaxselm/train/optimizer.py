@@ -110,8 +110,12 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     """clip_by_global_norm (if ``max_grad_norm``) then AdamW with :func:`make_schedule`."""
     mu_dtype = None if config.mu_dtype is None else jnp.dtype(config.mu_dtype)
     adamw = optax.adamw(
-        make_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-        weight_decay=config.weight_decay, mu_dtype=mu_dtype,
+        make_schedule(config),
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        mu_dtype=mu_dtype,
     )
     if config.max_grad_norm is None:
         return adamw

@@ -118,6 +118,10 @@ def make_reference_fn(
 ) -> ReferenceFn:
     """``fn(ref_params, batch) -> LogProbs [B]``, jitted with shardings on ``mesh``."""
     return ReferenceFn(
-        config, mesh, responses=responses, micro_batches=micro_batches, rules=rules,
+        config,
+        mesh,
+        responses=responses,
+        micro_batches=micro_batches,
+        rules=rules,
         activation_constraints=activation_constraints,
     )

@@ -110,8 +110,12 @@ def preference_loss_fn(config: ModelConfig, train: TrainConfig) -> LossFn:
         common = (pol["chosen"], pol["rejected"], ref.chosen, ref.rejected)
         if train.loss == "selm":
             losses, metrics = L.selm_loss_terms(
-                *common, pol["refresp"], ref.refresp,
-                beta=train.beta, alpha=train.alpha, label_smoothing=train.label_smoothing,
+                *common,
+                pol["refresp"],
+                ref.refresp,
+                beta=train.beta,
+                alpha=train.alpha,
+                label_smoothing=train.label_smoothing,
             )
         elif train.loss == "dpo":
             losses, metrics = L.dpo_loss_terms(
@@ -339,8 +343,15 @@ def make_preference_step(
 ) -> ShardedStep:
     """The SELM (or DPO/IPO/XPO, per ``train.loss``) step; batch layout in the module docstring."""
     return make_step(
-        preference_loss_fn(config, train), config, optimizer, make_schedule(train.optimizer), mesh,
-        micro_batches=train.micro_batches, weight_name=M.PAIRS, rules=rules, donate=donate,
+        preference_loss_fn(config, train),
+        config,
+        optimizer,
+        make_schedule(train.optimizer),
+        mesh,
+        micro_batches=train.micro_batches,
+        weight_name=M.PAIRS,
+        rules=rules,
+        donate=donate,
         activation_constraints=activation_constraints,
     )
 
@@ -357,8 +368,15 @@ def make_sft_step(
 ) -> ShardedStep:
     """Supervised fine-tuning step: mean NLL over all loss-masked tokens of the whole batch."""
     return make_step(
-        sft_loss_fn(config), config, optimizer, make_schedule(train.optimizer), mesh,
-        micro_batches=train.micro_batches, weight_name=M.SFT_TOKENS, rules=rules, donate=donate,
+        sft_loss_fn(config),
+        config,
+        optimizer,
+        make_schedule(train.optimizer),
+        mesh,
+        micro_batches=train.micro_batches,
+        weight_name=M.SFT_TOKENS,
+        rules=rules,
+        donate=donate,
         activation_constraints=activation_constraints,
     )
 
@@ -382,14 +400,24 @@ def make_reward_model_step(
     unless ``shardings`` says otherwise.
     """
     if score_fn is None:
+
         def score_fn(params, tokens, mask):
             return reward_scores(params, config, tokens, mask)
+
     if shardings is None:
         shardings = state_shardings(config, optimizer, mesh, rules, head="reward")
     return make_step(
-        reward_loss_fn(score_fn), config, optimizer, make_schedule(train.optimizer), mesh,
-        micro_batches=train.micro_batches, weight_name=M.PAIRS, rules=rules,
-        shardings=shardings, donate=donate, activation_constraints=activation_constraints,
+        reward_loss_fn(score_fn),
+        config,
+        optimizer,
+        make_schedule(train.optimizer),
+        mesh,
+        micro_batches=train.micro_batches,
+        weight_name=M.PAIRS,
+        rules=rules,
+        shardings=shardings,
+        donate=donate,
+        activation_constraints=activation_constraints,
     )
 
 

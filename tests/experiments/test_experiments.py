@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_exp_{name}", REPO / "experiments" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"_exp_{name}", REPO / "experiments" / f"{name}.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -74,7 +76,10 @@ def test_selm_vs_dpo_quick(tmp_path):
             assert last[key] is not None, key
         assert 0.0 <= last["eval/sample_accuracy"] <= 1.0
         # the collected numbers are the run's own iteration record
-        recs = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        recs = [
+            json.loads(line)
+            for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        ]
         it1 = [x for x in recs if x.get("kind") == "iteration" and x["iteration"] == 1][-1]
         assert last["eval/kl"] == it1["eval/kl"]
     png = (out / "selm_vs_dpo.png").read_bytes()

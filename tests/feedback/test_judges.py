@@ -101,7 +101,8 @@ def test_programmatic_judge_errors_from_the_function_are_one_line(scorer_module)
         (
             "fb_no_such_module_xyz:score",
             JudgeError,
-            r"^judge\.function: cannot import module 'fb_no_such_module_xyz' \(ModuleNotFoundError: .*\)$",
+            r"^judge\.function: cannot import module 'fb_no_such_module_xyz' "
+            r"\(ModuleNotFoundError: .*\)$",
         ),
         ("{mod}:missing", JudgeError, r"^judge\.function: '{mod}' has no attribute 'missing'$"),
         (
@@ -113,7 +114,8 @@ def test_programmatic_judge_errors_from_the_function_are_one_line(scorer_module)
         (
             "fb_broken_mod:score",
             JudgeError,
-            r"^judge\.function: cannot import module 'fb_broken_mod' \(RuntimeError: broken at import\)$",
+            r"^judge\.function: cannot import module 'fb_broken_mod' "
+            r"\(RuntimeError: broken at import\)$",
         ),
         (
             "{mod}.score",
@@ -135,7 +137,8 @@ def test_bad_module_function_specs(scorer_module, spec, error, match):
     [
         (
             {"kind": "oracle"},
-            r"^judge\.kind: unknown judge kind 'oracle'; choose one of programmatic, reward_model, llm$",
+            r"^judge\.kind: unknown judge kind 'oracle'; "
+            r"choose one of programmatic, reward_model, llm$",
         ),
         ({"function": "m:f"}, r"^judge\.kind: missing"),
         ("programmatic", r"^judge: must be a mapping"),

@@ -1,4 +1,4 @@
-"""build_pairs / score_samples: best-vs-worst selection, drops and their counts, y_ref, penalties."""
+"""build_pairs / score_samples: best-vs-worst selection, drops and counts, y_ref, penalties."""
 
 from __future__ import annotations
 
@@ -166,7 +166,10 @@ def test_score_samples_judges_everything_in_one_call():
     judge = CountingJudge()
     prompts = [(7, 8), "q"]
     samples = [[(1, 2, 3), (4,)], ["xx", "?", "y"]]
-    decode = lambda ids: "".join(chr(96 + i) for i in ids)
+
+    def decode(ids):
+        return "".join(chr(96 + i) for i in ids)
+
     scores, ds = score_samples(
         judge, prompts, samples, dataset_chosen=["abcd", None], decode=decode
     )

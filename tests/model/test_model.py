@@ -100,7 +100,7 @@ class IncrementalDecodingTest(chex.TestCase):
             tokens, mask = _batch(t=12)
             full = forward(params, cfg, tokens, mask)
 
-            step = self.variant(lambda p, t, m, c: apply_with_cache(p, cfg, t, m, c))
+            step = self.variant(lambda p, t, m, c, cfg=cfg: apply_with_cache(p, cfg, t, m, c))
             cache = init_cache(cfg, batch=3, max_len=16)
             logits, cache = step(params, tokens[:, :8], mask[:, :8], cache)  # prefill 8
             outs = [logits]
@@ -109,8 +109,9 @@ class IncrementalDecodingTest(chex.TestCase):
                 outs.append(logits)
             inc = jnp.concatenate(outs, axis=1)
             real = np.asarray(mask)[..., None]
-            np.testing.assert_allclose(np.where(real, inc, 0), np.where(real, full, 0), **TOL,
-                                       err_msg=position)
+            np.testing.assert_allclose(
+                np.where(real, inc, 0), np.where(real, full, 0), **TOL, err_msg=position
+            )
             assert int(cache.index) == 12
             np.testing.assert_array_equal(np.asarray(cache.next_pos), 12 - np.array([0, 3, 7]))
 
@@ -124,7 +125,9 @@ def test_chunked_prefill_equals_full_forward():
     a, cache = apply_with_cache(params, cfg, tokens[:, :5], mask[:, :5], cache)
     b, cache = apply_with_cache(params, cfg, tokens[:, 5:], mask[:, 5:], cache)
     real = np.asarray(mask)[..., None]
-    np.testing.assert_allclose(np.where(real, jnp.concatenate([a, b], 1), 0), np.where(real, full, 0), **TOL)
+    np.testing.assert_allclose(
+        np.where(real, jnp.concatenate([a, b], 1), 0), np.where(real, full, 0), **TOL
+    )
 
 
 def test_shared_cope_table_and_remat():
@@ -133,11 +136,16 @@ def test_shared_cope_table_and_remat():
     assert params["cope_pos_emb"].shape == (8, cfg.resolved_head_dim)
     assert "cope_pos_emb" not in params["layers"]["attn"]
     tokens, mask = _batch()
-    loss = lambda p: jnp.mean(forward(p, cfg, tokens, mask) ** 2)
+
+    def loss(p):
+        return jnp.mean(forward(p, cfg, tokens, mask) ** 2)
+
     grads = jax.grad(loss)(params)
     assert float(jnp.abs(grads["cope_pos_emb"]).sum()) > 0
     # remat changes memory, not values
-    ref = jax.grad(lambda p: jnp.mean(forward(p, cfg.replace(remat=False), tokens, mask) ** 2))(params)
+    ref = jax.grad(lambda p: jnp.mean(forward(p, cfg.replace(remat=False), tokens, mask) ** 2))(
+        params
+    )
     chex.assert_trees_all_close(grads, ref, atol=1e-6, rtol=1e-5)
 
 
@@ -147,8 +155,12 @@ def test_tied_embeddings_have_no_lm_head():
     assert "lm_head" not in params
     tokens, mask = _batch()
     hidden = forward(params, cfg, tokens, mask, return_hidden=True)
-    np.testing.assert_allclose(np.asarray(forward(params, cfg, tokens, mask)),
-                               np.asarray(hidden @ params["embed"].T), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(forward(params, cfg, tokens, mask)),
+        np.asarray(hidden @ params["embed"].T),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_reward_head_scores_last_real_token():
@@ -161,8 +173,12 @@ def test_reward_head_scores_last_real_token():
     alone = reward_scores(params, cfg, tokens[1:, :5])
     np.testing.assert_allclose(float(scores[1]), float(alone[0]), atol=1e-5, rtol=1e-5)
     # score = hidden state of the last real token . score weights
-    hidden = forward({k: v for k, v in params.items() if k != "score"}, cfg, tokens[1:, :5], return_hidden=True)
-    np.testing.assert_allclose(float(alone[0]), float(hidden[0, -1] @ params["score"][:, 0]), atol=1e-5, rtol=1e-5)
+    hidden = forward(
+        {k: v for k, v in params.items() if k != "score"}, cfg, tokens[1:, :5], return_hidden=True
+    )
+    np.testing.assert_allclose(
+        float(alone[0]), float(hidden[0, -1] @ params["score"][:, 0]), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_sliding_window_masks_distant_keys():
@@ -176,7 +192,9 @@ def test_sliding_window_masks_distant_keys():
         for h in range(2):
             s = q[0, i, h] @ k[0, lo : i + 1, h].T / 2.0
             w = np.exp(s - s.max())
-            np.testing.assert_allclose(out[0, i, h], (w / w.sum()) @ v[0, lo : i + 1, h], atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(
+                out[0, i, h], (w / w.sum()) @ v[0, lo : i + 1, h], atol=1e-5, rtol=1e-5
+            )
 
 
 def test_rope_llama3_scaling_matches_transcription():
@@ -216,8 +234,14 @@ def test_absolute_positions_numpy_reference_of_the_input_stage():
     params = _params(cfg)
     assert params["pos_embed"].shape == (cfg.max_position_embeddings, cfg.hidden_size)
     layers = dict(params["layers"])
-    layers["attn"] = {**layers["attn"], "o_proj": {"kernel": jnp.zeros_like(layers["attn"]["o_proj"]["kernel"])}}
-    layers["mlp"] = {**layers["mlp"], "down_proj": {"kernel": jnp.zeros_like(layers["mlp"]["down_proj"]["kernel"])}}
+    layers["attn"] = {
+        **layers["attn"],
+        "o_proj": {"kernel": jnp.zeros_like(layers["attn"]["o_proj"]["kernel"])},
+    }
+    layers["mlp"] = {
+        **layers["mlp"],
+        "down_proj": {"kernel": jnp.zeros_like(layers["mlp"]["down_proj"]["kernel"])},
+    }
     params = {**params, "layers": layers}
     tokens, mask = _batch()
     got = np.asarray(forward(params, cfg, tokens, mask))
@@ -246,7 +270,7 @@ def test_absolute_table_matters_and_only_used_rows_do():
 
 @pytest.mark.parametrize("position, changes", [("absolute", True), ("none", False)])
 def test_shifted_position_ids_change_only_absolute(position, changes):
-    """The same tokens at position ids shifted by 5: NoPE ignores ids, the absolute table does not."""
+    """The same tokens at position ids shifted by 5: NoPE ignores them, the absolute table not."""
     cfg = _config(position)
     params = _params(cfg)
     tokens, mask = _batch(pads=(0, 0, 0))

@@ -59,21 +59,66 @@ def test_sft_generate_eval(sft_run, capsys):
     prompts = tmp / "prompts.jsonl"
     prompts.write_text('{"prompt": "sort 3 1 ="}\n{"prompt": "sort 4 0 2 ="}\n')
     out = tmp / "gen.jsonl"
-    assert main(["generate", "--config", str(cfg), "--checkpoint", str(policy), "--prompts", str(prompts),
-                 "--output", str(out), "--greedy"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(cfg),
+                "--checkpoint",
+                str(policy),
+                "--prompts",
+                str(prompts),
+                "--output",
+                str(out),
+                "--greedy",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == ["sort 3 1 =", "sort 4 0 2 ="] and all("response" in r for r in rows)
+    assert [r["prompt"] for r in rows] == ["sort 3 1 =", "sort 4 0 2 ="] and all(
+        "response" in r for r in rows
+    )
     alpaca = tmp / "alpaca.json"
     capsys.readouterr()
-    assert main(["eval", "--config", str(cfg), "--checkpoint", str(policy), "--baseline", str(policy),
-                 "--alpaca-eval", str(alpaca)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--config",
+                str(cfg),
+                "--checkpoint",
+                str(policy),
+                "--baseline",
+                str(policy),
+                "--alpaca-eval",
+                str(alpaca),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out.split("\nwrote")[0])
     assert result["win_rate"] == pytest.approx(0.5)  # a model against itself: all ties
     assert len(json.loads(alpaca.read_text())) == 8
     bad = tmp / "bad.jsonl"
     bad.write_text('{"prompt": "sort 1 ="}\nnot json\n')
-    assert main(["generate", "--config", str(cfg), "--checkpoint", str(policy), "--prompts", str(bad),
-                 "--output", str(tmp / "x.jsonl")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                str(cfg),
+                "--checkpoint",
+                str(policy),
+                "--prompts",
+                str(bad),
+                "--output",
+                str(tmp / "x.jsonl"),
+            ]
+        )
+        == 2
+    )
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert not (tmp / "x.jsonl").exists()
 
@@ -86,8 +131,22 @@ def test_convert_round_trip(sft_run):
     tmp, cfg = sft_run
     policy = tmp / "run" / "policy" / "iter_00"
     hf_dir = tmp / "hf"
-    assert main(["convert", "--from", "jaxselm", "--input", str(policy), "--output", str(hf_dir),
-                 "--config", str(cfg)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                "jaxselm",
+                "--input",
+                str(policy),
+                "--output",
+                str(hf_dir),
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     assert (hf_dir / "config.json").is_file()
     back = tmp / "back"
     assert main(["convert", "--from", "hf", "--input", str(hf_dir), "--output", str(back)]) == 0
@@ -102,7 +161,9 @@ def test_convert_round_trip(sft_run):
 
 @pytest.mark.slow
 def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
-    (tmp_path / "prefs_judge.py").write_text("def score(prompt, response):\n    return min(len(response), 10) / 10\n")
+    (tmp_path / "prefs_judge.py").write_text(
+        "def score(prompt, response):\n    return min(len(response), 10) / 10\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     prefs = tmp_path / "prefs.jsonl"
     rows = []
@@ -128,8 +189,21 @@ def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
     assert accuracy == pytest.approx(rm[-1]["rm/accuracy"], abs=5e-4)
     # The fitted reward model as the judge (a whole-section override replaces the judge spec).
     rm_judge = f"judge={{kind: reward_model, checkpoint: {run / 'reward_model' / 'params'}}}"
-    assert main(["eval", "--config", str(cfg), "--checkpoint", str(run / "policy" / "iter_01"),
-                 "--baseline", str(run / "policy" / "iter_00"), rm_judge]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--config",
+                str(cfg),
+                "--checkpoint",
+                str(run / "policy" / "iter_01"),
+                "--baseline",
+                str(run / "policy" / "iter_00"),
+                rm_judge,
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     # 12 rows, no eval file: one row (10%, at least 1) is held out for evaluation.
     assert 0.0 <= result["win_rate"] <= 1.0 and result["judged"] == 1

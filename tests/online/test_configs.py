@@ -18,7 +18,11 @@ def test_config_validates(path, tmp_path):
     if "source: prompts" in text:
         prompts = tmp_path / "prompts.jsonl"
         prompts.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
-        overrides = [f"data.prompts_path={prompts}", f"data.tokenizer={tmp_path}", f"init.checkpoint={tmp_path}"]
+        overrides = [
+            f"data.prompts_path={prompts}",
+            f"data.tokenizer={tmp_path}",
+            f"init.checkpoint={tmp_path}",
+        ]
     cfg = load_config(RunConfig, path, overrides)
     model = cfg.model
     if cfg.data.source == "task":
@@ -31,4 +35,6 @@ def test_paper_settings_in_7b_configs():
     assert z.train.beta == 0.01 and z.online.alphas == [0.0, 1e-3, 1e-3]
     assert z.online.learning_rates == [5e-7, 3e-7, 1e-7] and z.online.batch_size == 128
     ll = load_config(RunConfig, CONFIGS[0].parent / "llama3-8b.yaml", ["data.source=task"])
-    assert ll.online.alphas == [1e-4] * 3 and ll.model.num_params() == pytest.approx(8.03e9, rel=5e-3)
+    assert ll.online.alphas == [1e-4] * 3 and ll.model.num_params() == pytest.approx(
+        8.03e9, rel=5e-3
+    )

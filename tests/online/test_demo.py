@@ -1,4 +1,4 @@
-"""The README's main job at reduced size: the demo config runs end to end and the policy improves."""
+"""The README's main job at reduced size: the demo config runs end to end, the policy improves."""
 
 import json
 from pathlib import Path
@@ -13,8 +13,18 @@ DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 @pytest.mark.slow
 def test_demo_reduced_runs_and_reward_rises(tmp_path, capsys):
     out = tmp_path / "demo"
-    code = main(["online", "--config", str(DEMO), f"run.output_dir={out}", "run.progress=false",
-                 "online.iterations=2", "online.learning_rates=3.0e-4", "data.num_eval_prompts=128"])
+    code = main(
+        [
+            "online",
+            "--config",
+            str(DEMO),
+            f"run.output_dir={out}",
+            "run.progress=false",
+            "online.iterations=2",
+            "online.learning_rates=3.0e-4",
+            "data.num_eval_prompts=128",
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0
     assert "sample-acc" in printed  # the per-iteration table

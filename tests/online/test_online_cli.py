@@ -30,13 +30,21 @@ def _run_main(capsys, argv):
         (["judge.function=no_such_module_xyz:score"], "no_such_module_xyz"),
         (["judge.function=jaxselm.data.tasks:no_such_fn"], "no_such_fn"),
         (["judge.function=not a spec"], "judge.function"),
-        (["data.source=prompts", "data.prompts_path=/nonexistent.jsonl", "data.tokenizer=builtin:bytes"],
-         "/nonexistent.jsonl"),
+        (
+            [
+                "data.source=prompts",
+                "data.prompts_path=/nonexistent.jsonl",
+                "data.tokenizer=builtin:bytes",
+            ],
+            "/nonexistent.jsonl",
+        ),
     ],
 )
 def test_bad_config_one_line_exit_2_before_work(tmp_path, capsys, overrides, needle):
     out = tmp_path / "run"
-    code, err = _run_main(capsys, ["online", "--config", str(DEMO), f"run.output_dir={out}", *overrides])
+    code, err = _run_main(
+        capsys, ["online", "--config", str(DEMO), f"run.output_dir={out}", *overrides]
+    )
     assert code == 2
     assert needle in err, err
     assert len(err.splitlines()) == 1, err
@@ -58,11 +66,17 @@ def test_bad_yaml_names_line(tmp_path, capsys):
 def test_llm_judge_without_api_key_env(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("JAXSELM_TEST_KEY", raising=False)
     cfg = tmp_path / "llm.yaml"
-    cfg.write_text(DEMO.read_text().replace(
-        "judge:\n  kind: programmatic\n  function: jaxselm.data.tasks:score",
-        "judge:\n  kind: llm\n  base_url: http://127.0.0.1:9/v1\n  model: m\n  api_key_env: JAXSELM_TEST_KEY"))
+    cfg.write_text(
+        DEMO.read_text().replace(
+            "judge:\n  kind: programmatic\n  function: jaxselm.data.tasks:score",
+            "judge:\n  kind: llm\n  base_url: http://127.0.0.1:9/v1\n  model: m\n"
+            "  api_key_env: JAXSELM_TEST_KEY",
+        )
+    )
     assert "kind: llm" in cfg.read_text()
-    code, err = _run_main(capsys, ["online", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}"])
+    code, err = _run_main(
+        capsys, ["online", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}"]
+    )
     assert code == 2 and "JAXSELM_TEST_KEY" in err and len(err.splitlines()) == 1
 
 
@@ -75,10 +89,16 @@ def test_usage_errors_exit_2(capsys):
     assert main(["online", "--config", str(DEMO), "not-an-override"]) == 2
 
 
-@pytest.mark.parametrize("cmd", ["online", "sft", "train", "train-rm", "generate", "eval", "convert"])
+@pytest.mark.parametrize(
+    "cmd", ["online", "sft", "train", "train-rm", "generate", "eval", "convert"]
+)
 def test_help_everywhere(cmd):
-    res = subprocess.run([sys.executable, "-m", "jaxselm", cmd, "--help"], capture_output=True, text=True,
-                         timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxselm", cmd, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0 and "usage: jaxselm" in res.stdout
 
 
@@ -86,9 +106,20 @@ def test_sft_demonstration_longer_than_the_context(tmp_path, capsys):
     """Sequences past max_position_embeddings are refused, not trained on (a learned absolute
     table would give NaN there, RoPE would silently extrapolate)."""
     out = tmp_path / "run"
-    code, err = _run_main(capsys, ["sft", "--config", str(DEMO), f"run.output_dir={out}",
-                                   "model.max_position_embeddings=12", "run.progress=false"])
+    code, err = _run_main(
+        capsys,
+        [
+            "sft",
+            "--config",
+            str(DEMO),
+            f"run.output_dir={out}",
+            "model.max_position_embeddings=12",
+            "run.progress=false",
+        ],
+    )
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "sft: a demonstration has 16 tokens (prompt + response), over the model context " \
-           "model.max_position_embeddings=12" in err
+    assert (
+        "sft: a demonstration has 16 tokens (prompt + response), over the model context "
+        "model.max_position_embeddings=12" in err
+    )
     assert not (out / "policy").exists() and not (out / "sft").exists()

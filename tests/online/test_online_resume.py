@@ -58,7 +58,9 @@ def _write_config(tmp: Path, name: str) -> Path:
     return cfg
 
 
-def _run(cfg: Path, fault: str | None = None, signal_name: str | None = None) -> subprocess.CompletedProcess:
+def _run(
+    cfg: Path, fault: str | None = None, signal_name: str | None = None
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(cfg.parent), env.get("PYTHONPATH", "")])
     env.pop("JAXSELM_FAULT_AT", None)
@@ -67,17 +69,24 @@ def _run(cfg: Path, fault: str | None = None, signal_name: str | None = None) ->
         env["JAXSELM_FAULT_AT"] = fault
     if signal_name:
         env["JAXSELM_FAULT_SIGNAL"] = signal_name
-    return subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(cfg)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "jaxselm", "online", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _params(run_dir: Path, t: int) -> dict[str, np.ndarray]:
-    from jaxselm.train import load_params
-
     import jax
 
+    from jaxselm.train import load_params
+
     tree = load_params(run_dir / "policy" / f"iter_{t:02d}")
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -104,7 +113,9 @@ def test_end_to_end_outputs(uninterrupted):
     recs = _metrics(out)
     its = [r for r in recs if r["kind"] == "iteration"]
     assert [r["iteration"] for r in its] == [0, 1, 2]
-    assert all("eval/reward" in r for r in its) and "eval/win_rate" in its[1] and "eval/kl" in its[2]
+    assert (
+        all("eval/reward" in r for r in its) and "eval/win_rate" in its[1] and "eval/kl" in its[2]
+    )
     assert len([r for r in recs if r["kind"] == "train"]) > 0
     assert "sample-acc" in res.stdout and "win-rate" in res.stdout  # the printed table
 

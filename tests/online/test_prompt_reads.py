@@ -88,7 +88,10 @@ def test_file_reads_by_position(tmp_path, monkeypatch):
 
 def test_sft_row_without_chosen_is_a_one_line_error(tmp_path):
     ps = _prompt_set(tmp_path, FILE, prefs=_prefs(tmp_path, 30, chosen_missing_at=range(30)))
-    with pytest.raises(DataError, match=r"prefs.jsonl: row '[0-9a-f]+' \(prompt 'sort \d \d ='\) has no 'chosen' "
-                                        r"response for SFT \(sft uses the first sft.demonstrations=6 rows"):
+    with pytest.raises(
+        DataError,
+        match=r"prefs.jsonl: row '[0-9a-f]+' \(prompt 'sort \d \d ='\) has no 'chosen' "
+        r"response for SFT \(sft uses the first sft.demonstrations=6 rows",
+    ):
         ps.demonstrations([3])
     assert ps.demonstrations([]) == []

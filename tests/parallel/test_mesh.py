@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxselm.errors import ConfigError
-from jaxselm.model import get_preset, param_logical_axes
+from jaxselm.model import abstract_params, get_preset, param_logical_axes
 from jaxselm.parallel import (
     MeshConfig,
     batch_sharding,
@@ -23,7 +23,6 @@ from jaxselm.parallel import (
     resolve_mesh_shape,
 )
 from jaxselm.train.optimizer import OptimizerConfig, make_optimizer
-from jaxselm.model import abstract_params
 
 
 @pytest.mark.parametrize(
@@ -73,14 +72,17 @@ def test_rules_shard_params_and_activations_differently():
     mesh = make_mesh((2, 2, 2))
     # Activations: batch takes data+fsdp, so embed stays whole.
     assert logical_to_mesh_spec(("batch", "length", "embed"), (8, 4, 32), mesh) == P(
-        ("data", "fsdp"))
-    assert logical_to_mesh_spec(("batch", "length", "heads", "head_dim"), (8, 4, 4, 8),
-                                mesh) == P(("data", "fsdp"), None, "tensor")
+        ("data", "fsdp")
+    )
+    assert logical_to_mesh_spec(("batch", "length", "heads", "head_dim"), (8, 4, 4, 8), mesh) == P(
+        ("data", "fsdp"), None, "tensor"
+    )
     # Parameters: embed over fsdp, inner dims over tensor.
     assert logical_to_mesh_spec(("embed", "mlp"), (32, 64), mesh) == P("fsdp", "tensor")
     assert logical_to_mesh_spec(("vocab", "embed"), (64, 32), mesh) == P("tensor", "fsdp")
-    assert logical_to_mesh_spec(("layers", "embed", "heads", "head_dim"), (2, 32, 4, 8),
-                                mesh) == P(None, "fsdp", "tensor")
+    assert logical_to_mesh_spec(("layers", "embed", "heads", "head_dim"), (2, 32, 4, 8), mesh) == P(
+        None, "fsdp", "tensor"
+    )
 
 
 def test_non_divisible_dims_fall_back_to_replication():
@@ -109,8 +111,9 @@ def test_param_and_opt_state_shardings_follow_the_rules():
 
     tx = make_optimizer(OptimizerConfig(total_steps=10))
     o_shards = opt_state_shardings(tx, p_abs, shards, mesh)
-    adam = [s for s in jax.tree.leaves(o_shards, is_leaf=lambda x: hasattr(x, "mu"))
-            if hasattr(s, "mu")]
+    adam = [
+        s for s in jax.tree.leaves(o_shards, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")
+    ]
     assert len(adam) == 1
     assert jax.tree.map(lambda s: s.spec, adam[0].mu) == jax.tree.map(lambda s: s.spec, shards)
     assert jax.tree.map(lambda s: s.spec, adam[0].nu) == jax.tree.map(lambda s: s.spec, shards)
@@ -131,14 +134,18 @@ def test_make_global_batch_single_process():
     mesh = make_mesh((2, 4, 1))
     # One process holds every row; the batch is handed back for the step to place (as before).
     np.testing.assert_array_equal(local_batch_rows(16, mesh), np.arange(16))
-    local = {"tokens": np.arange(16 * 3, dtype=np.int32).reshape(16, 3),
-             "logps": np.linspace(-1, 0, 16, dtype=np.float32)}
+    local = {
+        "tokens": np.arange(16 * 3, dtype=np.int32).reshape(16, 3),
+        "logps": np.linspace(-1, 0, 16, dtype=np.float32),
+    }
     glob = make_global_batch(local, mesh, 16)
     for name, arr in local.items():
         np.testing.assert_array_equal(np.asarray(glob[name]), arr)
     with pytest.raises(ConfigError, match="batch.x: expected a leading batch dimension"):
         make_global_batch({"x": np.float32(1.0)}, mesh, 16)
-    with pytest.raises(ConfigError, match="batch.tokens: this process holds 16 of the 16 rows, got 8"):
+    with pytest.raises(
+        ConfigError, match="batch.tokens: this process holds 16 of the 16 rows, got 8"
+    ):
         make_global_batch({"tokens": local["tokens"][:8]}, mesh, 16)
 
 

@@ -78,7 +78,15 @@ def _env(tmp: Path, devices: int, **extra: str) -> dict[str, str]:
 
 
 def _cmd(cfg: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "jaxselm", "online", "--config", str(cfg), f"run.output_dir={out}"]
+    return [
+        sys.executable,
+        "-m",
+        "jaxselm",
+        "online",
+        "--config",
+        str(cfg),
+        f"run.output_dir={out}",
+    ]
 
 
 def _params(path: Path) -> dict[str, np.ndarray]:
@@ -87,25 +95,42 @@ def _params(path: Path) -> dict[str, np.ndarray]:
     from jaxselm.train import load_params
 
     tree = load_params(path)
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run_pair(tmp: Path, cfg: Path, out: Path, env1: dict[str, str] | None = None,
-              env_all: dict[str, str] | None = None):
+def _run_pair(
+    tmp: Path,
+    cfg: Path,
+    out: Path,
+    env1: dict[str, str] | None = None,
+    env_all: dict[str, str] | None = None,
+):
     """Both processes of a 2 x 4 run; returns [(returncode, stdout, stderr)] by process id.
     ``env1``: extra environment of process 1 only; ``env_all``: of both."""
     port = _free_port()
     pair = []
     for pid in range(2):
-        env = _env(tmp, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
-                   JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120",
-                   **(env_all or {}), **((env1 or {}) if pid == 1 else {}))
-        pair.append(subprocess.Popen(_cmd(cfg, out), env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True))
+        env = _env(
+            tmp,
+            4,
+            JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
+            JAXSELM_NUM_PROCESSES="2",
+            JAXSELM_PROCESS_ID=str(pid),
+            JAXSELM_INIT_TIMEOUT="120",
+            **(env_all or {}),
+            **((env1 or {}) if pid == 1 else {}),
+        )
+        pair.append(
+            subprocess.Popen(
+                _cmd(cfg, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     results = []
     try:
         for proc in pair:
@@ -131,8 +156,14 @@ def runs(tmp_path_factory):
         assert rc == 0, f"process {pid}:\n{err[-4000:]}"
     outs = [(out, err) for _, out, err in results]
 
-    single = subprocess.run(_cmd(cfg, tmp / "single"), env=_env(tmp, 8), capture_output=True,
-                            text=True, check=False, timeout=TIMEOUT_S)
+    single = subprocess.run(
+        _cmd(cfg, tmp / "single"),
+        env=_env(tmp, 8),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TIMEOUT_S,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
     return tmp, outs, single
 
@@ -179,17 +210,22 @@ def test_pair_equals_single_process(runs):
         for k in a:
             np.testing.assert_allclose(a[k], b[k], rtol=RTOL, atol=ATOL, err_msg=f"iter {t} {k}")
     for t in (1, 2):  # what the policy sampled and how it was judged and paired: identical
-        ga, gb = load_file(pair / f"iter_{t:02d}" / "generate.safetensors"), \
-            load_file(single / f"iter_{t:02d}" / "generate.safetensors")
+        ga, gb = (
+            load_file(pair / f"iter_{t:02d}" / "generate.safetensors"),
+            load_file(single / f"iter_{t:02d}" / "generate.safetensors"),
+        )
         for k in ("tokens", "lengths", "finish"):
             np.testing.assert_array_equal(ga[k], gb[k], err_msg=f"iter {t} {k}")
-        assert (json.loads((pair / f"iter_{t:02d}" / "judge.json").read_text())
-                == json.loads((single / f"iter_{t:02d}" / "judge.json").read_text()))
+        assert json.loads((pair / f"iter_{t:02d}" / "judge.json").read_text()) == json.loads(
+            (single / f"iter_{t:02d}" / "judge.json").read_text()
+        )
     ma, mb = _metrics(pair), _metrics(single)
     assert [(r["kind"], r["step"]) for r in ma] == [(r["kind"], r["step"]) for r in mb]
     _assert_close(ma, mb, "metrics.jsonl")
     for name in ("iter_02/eval.json", "run.json"):
-        _assert_close(json.loads((pair / name).read_text()), json.loads((single / name).read_text()), name)
+        _assert_close(
+            json.loads((pair / name).read_text()), json.loads((single / name).read_text()), name
+        )
 
 
 @pytest.mark.slow
@@ -238,8 +274,10 @@ def test_pair_logs_once_and_checkpoint_restores_in_one_process(runs):
         assert step is not None
         state, meta = ck.restore(_abstract_like(ck, step))
     assert meta == {"iteration": 2, "phase": "train"}
-    restored = {jax.tree_util.keystr(k): np.asarray(v)
-                for k, v in jax.tree_util.tree_leaves_with_path(state["params"])}
+    restored = {
+        jax.tree_util.keystr(k): np.asarray(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(state["params"])
+    }
     final = _params(tmp / "pair" / "policy" / "iter_02")
     assert restored.keys() == final.keys()
     for k in final:  # the last step's checkpoint holds the exported policy
@@ -255,8 +293,12 @@ def test_sigterm_on_one_host_stops_both_and_the_pair_resumes_exactly(runs):
     tmp, _, _ = runs
     cfg = tmp / "tiny.yaml"
     out = tmp / "preempted"
-    stopped = _run_pair(tmp, cfg, out, env1={"JAXSELM_FAULT_AT": "iter1/train/step1",
-                                             "JAXSELM_FAULT_SIGNAL": "TERM"})
+    stopped = _run_pair(
+        tmp,
+        cfg,
+        out,
+        env1={"JAXSELM_FAULT_AT": "iter1/train/step1", "JAXSELM_FAULT_SIGNAL": "TERM"},
+    )
     assert [rc for rc, _, _ in stopped] == [0, 0], stopped[1][2][-3000:]
     assert "SIGTERM: state saved in" in stopped[0][1]
     assert not (out / "policy" / "iter_01").exists()
@@ -308,8 +350,14 @@ def test_pair_offline_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path)
             continue
         seen.add(tuple(items))
         i = len(rows)
-        rows.append({"id": f"r{i}", "prompt": "sort " + " ".join(map(str, items)) + " =",
-                     "chosen": " ".join(map(str, sorted(items))), "rejected": " ".join(map(str, items))})
+        rows.append(
+            {
+                "id": f"r{i}",
+                "prompt": "sort " + " ".join(map(str, items)) + " =",
+                "chosen": " ".join(map(str, sorted(items))),
+                "rejected": " ".join(map(str, items)),
+            }
+        )
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tmp_path / "prefs.yaml"
@@ -317,25 +365,61 @@ def test_pair_offline_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path)
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = _env(tmp_path, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
-                   JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120",
-                   JAXSELM_READ_LOG=str(tmp_path / "reads"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "jaxselm", "train", "--config", str(cfg),
-                                       f"run.output_dir={tmp_path / 'pair'}"], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = _env(
+            tmp_path,
+            4,
+            JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
+            JAXSELM_NUM_PROCESSES="2",
+            JAXSELM_PROCESS_ID=str(pid),
+            JAXSELM_INIT_TIMEOUT="120",
+            JAXSELM_READ_LOG=str(tmp_path / "reads"),
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "jaxselm",
+                    "train",
+                    "--config",
+                    str(cfg),
+                    f"run.output_dir={tmp_path / 'pair'}",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for pid, proc in enumerate(procs):
         _, err = proc.communicate(timeout=TIMEOUT_S)
         assert proc.returncode == 0, f"process {pid}:\n{err[-4000:]}"
-    single = subprocess.run([sys.executable, "-m", "jaxselm", "train", "--config", str(cfg),
-                             f"run.output_dir={tmp_path / 'single'}"], env=_env(tmp_path, 8),
-                            capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxselm",
+            "train",
+            "--config",
+            str(cfg),
+            f"run.output_dir={tmp_path / 'single'}",
+        ],
+        env=_env(tmp_path, 8),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TIMEOUT_S,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
     for t in (0, 1):
         a = _params(tmp_path / "pair" / "policy" / f"iter_{t:02d}")
         b = _params(tmp_path / "single" / "policy" / f"iter_{t:02d}")
         for k in b:
             np.testing.assert_allclose(a[k], b[k], rtol=RTOL, atol=ATOL, err_msg=f"iter {t} {k}")
-    judged = [json.loads((tmp_path / run / "iter_01" / "judge.json").read_text()) for run in ("pair", "single")]
+    judged = [
+        json.loads((tmp_path / run / "iter_01" / "judge.json").read_text())
+        for run in ("pair", "single")
+    ]
     assert judged[0] == judged[1] and len(judged[0]["pairs"]) == 92
     assert len(list((tmp_path / "pair" / "data").iterdir())) == 1  # one prepared dataset
     reads = {}
@@ -346,7 +430,10 @@ def test_pair_offline_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path)
     assert set(reads) == {"sft", "eval", "train_all"}
     for name, size in (("sft", 16), ("eval", 8), ("train_all", 92)):
         mine, theirs = reads[name]
-        assert mine and theirs and not mine & theirs and mine | theirs == set(range(size)), (name, reads[name])
+        assert mine and theirs and not mine & theirs and mine | theirs == set(range(size)), (
+            name,
+            reads[name],
+        )
 
 
 HF_EXPORT = """
@@ -384,18 +471,37 @@ def test_hf_export_of_params_sharded_across_hosts(tmp_path):
     port = _free_port()
     procs = []
     for pid in range(2):
-        env = _env(tmp_path, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
-                   JAXSELM_PROCESS_ID=str(pid), JAXSELM_INIT_TIMEOUT="120")
-        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "pair"), "distributed"],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = _env(
+            tmp_path,
+            4,
+            JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
+            JAXSELM_NUM_PROCESSES="2",
+            JAXSELM_PROCESS_ID=str(pid),
+            JAXSELM_INIT_TIMEOUT="120",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / "pair"), "distributed"],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = []
     for pid, proc in enumerate(procs):
         out, err = proc.communicate(timeout=TIMEOUT_S)
         assert proc.returncode == 0, f"process {pid}:\n{err[-4000:]}"
         outs.append(out)
     assert all("split leaves: 0" not in o and "split leaves:" in o for o in outs), outs
-    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single")], env=_env(tmp_path, 8),
-                            capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
+    single = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "single")],
+        env=_env(tmp_path, 8),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=TIMEOUT_S,
+    )
     assert single.returncode == 0, single.stderr[-4000:]
     pair_files = sorted(p.name for p in (tmp_path / "pair").iterdir())
     assert pair_files == sorted(p.name for p in (tmp_path / "single").iterdir())
@@ -428,18 +534,31 @@ def test_process_without_its_peer_fails_fast(tmp_path, process_id):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY.format(out=tmp_path / "out"))
     port = _free_port()
-    env = _env(tmp_path, 4, JAXSELM_COORDINATOR=f"127.0.0.1:{port}", JAXSELM_NUM_PROCESSES="2",
-               JAXSELM_PROCESS_ID=str(process_id), JAXSELM_INIT_TIMEOUT="8")
+    env = _env(
+        tmp_path,
+        4,
+        JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
+        JAXSELM_NUM_PROCESSES="2",
+        JAXSELM_PROCESS_ID=str(process_id),
+        JAXSELM_INIT_TIMEOUT="8",
+    )
     start = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(cfg)], env=env,
-                         capture_output=True, text=True, check=False, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxselm", "online", "--config", str(cfg)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     elapsed = time.monotonic() - start
     assert res.returncode == 2, res.stderr[-3000:]
     # JAX's own timeout (set 60 s later) would abort with a C++ stack trace; ours is one line, last.
     assert res.stderr.strip().splitlines()[-1] == (
-        f"jaxselm online: error: distributed init: process {process_id} of 2 waited 8s at 127.0.0.1:{port} "
-        "and not all processes connected (start every process with the same JAXSELM_COORDINATOR and "
-        "JAXSELM_NUM_PROCESSES, or raise JAXSELM_INIT_TIMEOUT)")
+        f"jaxselm online: error: distributed init: process {process_id} of 2 waited 8s at "
+        f"127.0.0.1:{port} and not all processes connected (start every process with the same "
+        "JAXSELM_COORDINATOR and JAXSELM_NUM_PROCESSES, or raise JAXSELM_INIT_TIMEOUT)"
+    )
     assert "Check failure stack trace" not in res.stderr
     assert 8 <= elapsed < 60, elapsed  # the 8 s wait plus start-up, not JAX's 68 s abort
     assert not (tmp_path / "out").exists()  # failed before any work
@@ -447,26 +566,62 @@ def test_process_without_its_peer_fails_fast(tmp_path, process_id):
 
 def test_inconsistent_settings_are_one_line_errors(tmp_path):
     """Half-given explicit settings fail before any connection attempt."""
-    res = subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
-                         env=_env(tmp_path, 4, JAXSELM_COORDINATOR="127.0.0.1:1234"),
-                         capture_output=True, text=True, check=False, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
+        env=_env(tmp_path, 4, JAXSELM_COORDINATOR="127.0.0.1:1234"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert res.returncode == 2
-    assert res.stderr.strip() == ("jaxselm online: error: JAXSELM_NUM_PROCESSES: required when "
-                                  "JAXSELM_COORDINATOR / JAXSELM_NUM_PROCESSES / JAXSELM_PROCESS_ID "
-                                  "are used (set all three)")
-    res = subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
-                         env=_env(tmp_path, 4, JAXSELM_COORDINATOR="127.0.0.1:1234", JAXSELM_NUM_PROCESSES="2",
-                                  JAXSELM_PROCESS_ID="2"),
-                         capture_output=True, text=True, check=False, timeout=120)
+    assert res.stderr.strip() == (
+        "jaxselm online: error: JAXSELM_NUM_PROCESSES: required when "
+        "JAXSELM_COORDINATOR / JAXSELM_NUM_PROCESSES / JAXSELM_PROCESS_ID "
+        "are used (set all three)"
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
+        env=_env(
+            tmp_path,
+            4,
+            JAXSELM_COORDINATOR="127.0.0.1:1234",
+            JAXSELM_NUM_PROCESSES="2",
+            JAXSELM_PROCESS_ID="2",
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert res.stderr.strip().endswith("JAXSELM_PROCESS_ID: 2 is not below JAXSELM_NUM_PROCESSES=2")
     # commands whose code paths are not multi-process refuse --distributed
-    res = subprocess.run([sys.executable, "-m", "jaxselm", "--distributed", "generate", "--config", "x.yaml",
-                          "--checkpoint", "c", "--output", "o"], env=_env(tmp_path, 4),
-                         capture_output=True, text=True, check=False, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxselm",
+            "--distributed",
+            "generate",
+            "--config",
+            "x.yaml",
+            "--checkpoint",
+            "c",
+            "--output",
+            "o",
+        ],
+        env=_env(tmp_path, 4),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert res.returncode == 2
-    assert res.stderr == ("jaxselm generate: error: --distributed: multi-process runs are supported by "
-                          "online, sft, train (run generate as one process)\n")
+    assert res.stderr == (
+        "jaxselm generate: error: --distributed: multi-process runs are supported by "
+        "online, sft, train (run generate as one process)\n"
+    )
 
 
 def test_helpers_with_one_process():
@@ -488,8 +643,10 @@ def test_helpers_with_one_process():
     barrier("no-op")
     assert any_process(True) is True and any_process(False) is False
     mesh = make_mesh((8, 1, 1))
-    x = jax.device_put(jnp.arange(16.0).reshape(8, 2),
-                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    x = jax.device_put(
+        jnp.arange(16.0).reshape(8, 2),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+    )
     out = to_host({"x": x, "n": 3})
     np.testing.assert_array_equal(out["x"], np.arange(16.0).reshape(8, 2))
     assert out["n"] == 3
@@ -498,16 +655,30 @@ def test_helpers_with_one_process():
 def test_settings_from_env():
     from jaxselm.parallel.multihost import DistributedError, settings_from_env, wants_distributed
 
-    env = {"JAXSELM_COORDINATOR": "10.0.0.1:1234", "JAXSELM_NUM_PROCESSES": "4", "JAXSELM_PROCESS_ID": "3",
-           "JAXSELM_LOCAL_DEVICE_IDS": "0,1", "JAXSELM_INIT_TIMEOUT": "30"}
-    assert settings_from_env(env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
-                                      "process_id": 3, "local_device_ids": [0, 1], "timeout_s": 30.0}
+    env = {
+        "JAXSELM_COORDINATOR": "10.0.0.1:1234",
+        "JAXSELM_NUM_PROCESSES": "4",
+        "JAXSELM_PROCESS_ID": "3",
+        "JAXSELM_LOCAL_DEVICE_IDS": "0,1",
+        "JAXSELM_INIT_TIMEOUT": "30",
+    }
+    assert settings_from_env(env) == {
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 4,
+        "process_id": 3,
+        "local_device_ids": [0, 1],
+        "timeout_s": 30.0,
+    }
     assert wants_distributed(env) and not wants_distributed({"JAXSELM_PROCESS_ID": "0"})
     for name, value, message in [
         ("JAXSELM_NUM_PROCESSES", "two", "JAXSELM_NUM_PROCESSES: expected an integer, got 'two'"),
         ("JAXSELM_NUM_PROCESSES", "0", "JAXSELM_NUM_PROCESSES: must be >= 1, got 0"),
         ("JAXSELM_INIT_TIMEOUT", "-1", "JAXSELM_INIT_TIMEOUT: must be > 0 seconds, got -1"),
-        ("JAXSELM_LOCAL_DEVICE_IDS", "0;1", "JAXSELM_LOCAL_DEVICE_IDS: expected e.g. 0,1,2,3, got '0;1'"),
+        (
+            "JAXSELM_LOCAL_DEVICE_IDS",
+            "0;1",
+            "JAXSELM_LOCAL_DEVICE_IDS: expected e.g. 0,1,2,3, got '0;1'",
+        ),
     ]:
         with pytest.raises(DistributedError) as err:
             settings_from_env({**env, name: value})
@@ -515,23 +686,53 @@ def test_settings_from_env():
 
 
 def test_bad_coordinator_address_fails_before_connecting(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
-                         env=_env(tmp_path, 4, JAXSELM_COORDINATOR="localhost", JAXSELM_NUM_PROCESSES="2",
-                                  JAXSELM_PROCESS_ID="0"),
-                         capture_output=True, text=True, check=False, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
+        env=_env(
+            tmp_path,
+            4,
+            JAXSELM_COORDINATOR="localhost",
+            JAXSELM_NUM_PROCESSES="2",
+            JAXSELM_PROCESS_ID="0",
+        ),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert res.returncode == 2
-    assert res.stderr == ("jaxselm online: error: JAXSELM_COORDINATOR: expected host:port, "
-                          "got 'localhost'\n")
+    assert res.stderr == (
+        "jaxselm online: error: JAXSELM_COORDINATOR: expected host:port, got 'localhost'\n"
+    )
 
 
 def test_distributed_without_a_cluster_is_a_one_line_error(tmp_path):
-    env = {k: v for k, v in _env(tmp_path, 4).items()
-           if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))}  # nothing for JAX to detect
-    res = subprocess.run([sys.executable, "-m", "jaxselm", "--distributed", "online", "--config",
-                          str(tmp_path / "x.yaml")], env=env, capture_output=True, text=True, check=False,
-                         timeout=120)
+    env = {
+        k: v
+        for k, v in _env(tmp_path, 4).items()
+        if not k.startswith(("SLURM_", "OMPI_", "PMI_", "TPU_"))
+    }  # nothing for JAX to detect
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxselm",
+            "--distributed",
+            "online",
+            "--config",
+            str(tmp_path / "x.yaml"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert res.returncode == 2
-    assert res.stderr.startswith("jaxselm online: error: distributed init: no TPU / SLURM / Open MPI "
-                                 "cluster detected (")
-    assert res.stderr.endswith("); set JAXSELM_COORDINATOR, JAXSELM_NUM_PROCESSES and JAXSELM_PROCESS_ID\n")
+    assert res.stderr.startswith(
+        "jaxselm online: error: distributed init: no TPU / SLURM / Open MPI cluster detected ("
+    )
+    assert res.stderr.endswith(
+        "); set JAXSELM_COORDINATOR, JAXSELM_NUM_PROCESSES and JAXSELM_PROCESS_ID\n"
+    )
     assert res.stderr.count("\n") == 1

@@ -54,9 +54,9 @@ def full_logprobs(params, cfg, res):
     mask = np.concatenate([pmask, np.ones_like(toks, bool)], axis=1)
     logits = forward(params, cfg, jnp.asarray(seq), jnp.asarray(mask))
     t = prompt.shape[1]
-    logp = jax.nn.log_softmax(logits[:, t - 1:-1], axis=-1)
+    logp = jax.nn.log_softmax(logits[:, t - 1 : -1], axis=-1)
     picked = jnp.take_along_axis(logp, jnp.asarray(np.maximum(toks, 0))[..., None], axis=-1)[..., 0]
-    return logits[:, t - 1:-1], np.asarray(picked).reshape(b, n, m)
+    return logits[:, t - 1 : -1], np.asarray(picked).reshape(b, n, m)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -86,7 +86,7 @@ def test_greedy_equals_argmax_of_full_forward(mode):
     np.testing.assert_array_equal(np.asarray(res.finish_reason), int(FinishReason.LENGTH))
     np.testing.assert_array_equal(np.asarray(res.sampling_logprobs), 0.0)
     # The last full pass covers every generated token: its log-softmax is the returned log-prob.
-    logp = jax.nn.log_softmax(logits[:, t - 1:-1], axis=-1)
+    logp = jax.nn.log_softmax(logits[:, t - 1 : -1], axis=-1)
     want = np.take_along_axis(np.asarray(logp), expected[..., None], axis=-1)[..., 0]
     np.testing.assert_allclose(np.asarray(res.logprobs[:, 0]), want, atol=ATOL, rtol=0)
     np.testing.assert_allclose(np.asarray(res.logprobs[:, 1]), want, atol=ATOL, rtol=0)
@@ -144,8 +144,9 @@ def test_stop_tokens_end_samples_and_pad_the_rest(cope_model):
 
 def test_all_stopped_exits_early_and_one_token_edge_case(cope_model):
     cfg, params = cope_model
-    res = generate(params, cfg, PROMPTS, rng=jax.random.key(1), max_new_tokens=5, n=2,
-                   stop_token_ids=range(64))
+    res = generate(
+        params, cfg, PROMPTS, rng=jax.random.key(1), max_new_tokens=5, n=2, stop_token_ids=range(64)
+    )
     np.testing.assert_array_equal(np.asarray(res.lengths), 1)
     np.testing.assert_array_equal(np.asarray(res.finish_reason), int(FinishReason.STOP))
     np.testing.assert_array_equal(np.asarray(res.tokens[..., 1:]), 0)
@@ -225,8 +226,14 @@ def test_mesh_of_8_devices_matches_single_device(cope_model):
     cfg, params = cope_model
     devices = np.asarray(jax.devices()[:8]).reshape(2, 2, 2)
     mesh = Mesh(devices, ("data", "fsdp", "tensor"))
-    kw = dict(rng=jax.random.key(9), max_new_tokens=6, n=2, temperature=0.9, top_p=0.95,
-              stop_token_ids=(3, 17))
+    kw = dict(
+        rng=jax.random.key(9),
+        max_new_tokens=6,
+        n=2,
+        temperature=0.9,
+        top_p=0.95,
+        stop_token_ids=(3, 17),
+    )
     prompts = PROMPTS + [[2, 4, 6, 8]]  # B * n = 8 rows, one per device of the batch axes
     single = generate(params, cfg, prompts, **kw)
     sharded = generate(params, cfg, prompts, mesh=mesh, **kw)

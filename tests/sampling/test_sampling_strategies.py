@@ -57,7 +57,7 @@ def reference_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
 
 def _counts(key, **kw):
     logits = jnp.broadcast_to(jnp.asarray(LOGITS), (DRAWS, LOGITS.size))
-    tok, _ = jax.jit(lambda k, l: sample_logits(k, l, **kw))(key, logits)
+    tok, _ = jax.jit(lambda k, x: sample_logits(k, x, **kw))(key, logits)
     return np.bincount(np.asarray(tok), minlength=LOGITS.size)
 
 
@@ -89,7 +89,10 @@ def test_sample_frequencies_match_filtered_softmax(kw):
 def test_filters_keep_expected_sets():
     x = jnp.asarray(LOGITS)[None]
     order = np.argsort(-LOGITS)
-    kept = lambda y: set(np.nonzero(np.isfinite(np.asarray(y[0])))[0].tolist())
+
+    def kept(y):
+        return set(np.nonzero(np.isfinite(np.asarray(y[0])))[0].tolist())
+
     assert kept(top_k_filter(x, 3)) == set(order[:3].tolist())
     assert kept(top_k_filter(x, 0)) == set(range(LOGITS.size))
     assert kept(top_p_filter(x, 1e-6)) == {int(order[0])}  # the top token always survives
@@ -105,7 +108,8 @@ def test_traced_parameters_match_python_values():
     x = jnp.asarray(np.stack([LOGITS, LOGITS[::-1]]))
     eager = process_logits(x, temperature=0.9, top_k=5, top_p=0.7, min_p=0.15)
     traced = jax.jit(lambda t, p, m: process_logits(x, temperature=t, top_k=5, top_p=p, min_p=m))(
-        jnp.float32(0.9), jnp.float32(0.7), jnp.float32(0.15))
+        jnp.float32(0.9), jnp.float32(0.7), jnp.float32(0.15)
+    )
     np.testing.assert_array_equal(np.asarray(eager), np.asarray(traced))
     # Traced "off" values are no-ops.
     off_fn = jax.jit(lambda p, m: process_logits(x, top_p=p, min_p=m))

