@@ -36,6 +36,17 @@ die() {  # one line on stderr, exit 2
   exit 2
 }
 
+# The options every usage text ends with (sync.sh says "commands" instead of "gcloud command").
+COMMON_OPTIONS="  --dry-run        print the gcloud command instead of running it
+  --env-file FILE  read settings from FILE (default: tpu/env if present; see tpu/env.example)"
+
+# parse_common for the scripts that take no argument of their own and act on TPU_NAME.
+parse_no_args() {
+  parse_common "$@"
+  ((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see --help)"
+  require PROJECT ZONE TPU_NAME
+}
+
 # Parse the options every script shares; the rest stays in ARGS for the script.
 parse_common() {
   while (($#)); do

@@ -11,8 +11,7 @@ Creates TPU_NAME (ACCELERATOR_TYPE, RUNTIME_VERSION) in PROJECT/ZONE. With queue
 queued resource QUEUED_RESOURCE_ID (default TPU_NAME) is created; the TPU appears when capacity is
 granted (watch it with tpu/status.sh).
 
-  --dry-run        print the gcloud command instead of running it
-  --env-file FILE  read settings from FILE (default: tpu/env if present; see tpu/env.example)
+$COMMON_OPTIONS
   --provisioning   override PROVISIONING
 USAGE
 }

@@ -11,14 +11,11 @@ Deletes TPU_NAME (PROVISIONING on-demand/spot) or the queued resource QUEUED_RES
 (PROVISIONING queued/queued-spot; --force also deletes its TPU). Nothing on the workers' disks
 survives: keep run.output_dir on a shared filesystem or a GCS bucket.
 
-  --dry-run        print the gcloud command instead of running it
-  --env-file FILE  read settings from FILE (default: tpu/env if present; see tpu/env.example)
+$COMMON_OPTIONS
 USAGE
 }
 
-parse_common "$@"
-((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see --help)"
-require PROJECT ZONE TPU_NAME
+parse_no_args "$@"
 
 case "$PROVISIONING" in
   on-demand|spot)

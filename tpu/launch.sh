@@ -18,8 +18,7 @@ Refuses to start when RUN_NAME is still running on a worker. Example:
 
   --name NAME      names the logs of this launch (default RUN_NAME, or "run")
   --env KEY=VALUE  an environment variable for the command (repeatable), e.g. HF_HOME=/mnt/hf
-  --dry-run        print the gcloud command instead of running it
-  --env-file FILE  read settings from FILE (default: tpu/env if present; see tpu/env.example)
+$COMMON_OPTIONS
 USAGE
 }
 

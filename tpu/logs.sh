@@ -14,8 +14,7 @@ once (each prefixed by gcloud with its worker), e.g. to find the one that failed
   --name NAME      the launch's name (default RUN_NAME, or "run")
   --worker N|all   which worker (default 0)
   --lines N        how many lines to show first (default 100)
-  --dry-run        print the gcloud command instead of running it
-  --env-file FILE  read settings from FILE (default: tpu/env if present; see tpu/env.example)
+$COMMON_OPTIONS
 USAGE
 }
 

@@ -11,14 +11,11 @@ On every worker of TPU_NAME: creates the virtual environment REMOTE_VENV, instal
 (default jax[tpu]), EXTRA_PIP, and the package from REMOTE_DIR in editable mode, then checks that
 JAX sees the TPU chips. Run tpu/sync.sh first (the code must be there).
 
-  --dry-run        print the gcloud command instead of running it
-  --env-file FILE  read settings from FILE (default: tpu/env if present; see tpu/env.example)
+$COMMON_OPTIONS
 USAGE
 }
 
-parse_common "$@"
-((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see --help)"
-require PROJECT ZONE TPU_NAME
+parse_no_args "$@"
 
 code="$(quote "$REMOTE_DIR")"
 venv="$(quote "$REMOTE_VENV")"

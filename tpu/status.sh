@@ -9,14 +9,11 @@ usage: $SCRIPT_NAME [--dry-run] [--env-file FILE]
 
 Describes TPU_NAME, or the queued resource QUEUED_RESOURCE_ID with queued provisioning.
 
-  --dry-run        print the gcloud command instead of running it
-  --env-file FILE  read settings from FILE (default: tpu/env if present; see tpu/env.example)
+$COMMON_OPTIONS
 USAGE
 }
 
-parse_common "$@"
-((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see --help)"
-require PROJECT ZONE TPU_NAME
+parse_no_args "$@"
 
 case "$PROVISIONING" in
   on-demand|spot)

@@ -16,8 +16,7 @@ tpu/launch.sh command: the loop resumes from run.output_dir.
   --name NAME      the launch's name (default RUN_NAME, or "run")
   --grace SECONDS  how long to wait after SIGTERM (default 600)
   --kill           SIGKILL without waiting
-  --dry-run        print the gcloud command instead of running it
-  --env-file FILE  read settings from FILE (default: tpu/env if present; see tpu/env.example)
+$COMMON_OPTIONS
 USAGE
 }
 

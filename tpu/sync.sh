@@ -17,9 +17,7 @@ installed editable by tpu/setup.sh, so a sync needs no reinstall.
 USAGE
 }
 
-parse_common "$@"
-((${#ARGS[@]} == 0)) || die "unexpected argument '${ARGS[0]}' (see --help)"
-require PROJECT ZONE TPU_NAME
+parse_no_args "$@"
 
 TARBALL="${TMPDIR:-/tmp}/jaxselm-src-$TPU_NAME.tar.gz"
 run tar -czf "$TARBALL" -C "$REPO_ROOT" --exclude=.git --exclude=runs --exclude=.venv \

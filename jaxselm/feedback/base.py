@@ -94,18 +94,25 @@ class Judge(abc.ABC):
         responses_a: Sequence[Response],
         responses_b: Sequence[Response],
     ) -> np.ndarray:
-        """P(a beats b) float64 [N] per item; NaN where either side could not be judged.
-
-        Default: scores both sides in one ``score`` call; 1 if a scores higher, 0 if lower, 0.5
-        for a tie.
-        """
+        """P(a beats b) float64 [N] per item; NaN where either side could not be judged."""
         _check_lengths(prompts, responses_a)
         _check_lengths(prompts, responses_b)
-        n = len(prompts)
-        s = self.score([*prompts, *prompts], [*responses_a, *responses_b])
-        sa, sb = s[:n], s[n:]
+        return self._compare(list(prompts), list(responses_a), list(responses_b))
+
+    def _compare(self, prompts: list[str], a: list[Response], b: list[Response]) -> np.ndarray:
+        """Implementation of :meth:`compare_batch` (lengths checked). Default: both sides scored
+        in one ``score`` call; 1 if a scores higher, 0 if lower, 0.5 for a tie. Judges with a
+        calibrated notion (a Bradley-Terry reward model, a pairwise LLM) override it."""
+        sa, sb = self.score_both(prompts, a, b)
         out = np.where(sa > sb, 1.0, np.where(sa < sb, 0.0, 0.5))
         return np.where(np.isnan(sa) | np.isnan(sb), np.nan, out)
+
+    def score_both(
+        self, prompts: list[str], a: list[Response], b: list[Response]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of ``a`` and of ``b`` (each [N]) from ONE ``score`` call."""
+        s = self.score([*prompts, *prompts], [*a, *b])
+        return s[: len(prompts)], s[len(prompts) :]
 
     def compare(self, prompt: str, a: Response, b: Response) -> float:
         """Probability in [0, 1] that response ``a`` beats ``b`` (NaN if it could not be judged)."""

@@ -317,24 +317,14 @@ class LLMJudge(Judge):
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(counts > 0, wins / counts, np.nan)
 
-    def compare_batch(
-        self,
-        prompts: Sequence[str],
-        responses_a: Sequence[Response],
-        responses_b: Sequence[Response],
-    ) -> np.ndarray:
+    def _compare(self, prompts: list[str], a: list[Response], b: list[Response]) -> np.ndarray:
         """P(a beats b) per item: both orders asked in pairwise mode; from scores otherwise."""
         if self.config.mode != "pairwise":
-            return super().compare_batch(prompts, responses_a, responses_b)
-        if not len(prompts) == len(responses_a) == len(responses_b):
-            raise JudgeError(
-                f"judge: got {len(prompts)} prompts, {len(responses_a)} and {len(responses_b)} "
-                "responses"
-            )
-        _require_text(prompts, [*responses_a, *responses_b])
+            return super()._compare(prompts, a, b)
+        _require_text(prompts, [*a, *b])
         self._count("calls")
         self._count("items", len(prompts))
-        return self._compare_pairs(list(zip(prompts, responses_a, responses_b, strict=True)))
+        return self._compare_pairs(list(zip(prompts, a, b, strict=True)))
 
 
 def _require_text(prompts: Sequence[Any], responses: Sequence[Any]) -> None:

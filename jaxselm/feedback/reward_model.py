@@ -169,22 +169,11 @@ class RewardModelJudge(Judge):
             out[np.asarray(valid)[bad]] = np.nan
         return out
 
-    def compare_batch(
-        self,
-        prompts: Sequence[str],
-        responses_a: Sequence[Response],
-        responses_b: Sequence[Response],
-    ) -> np.ndarray:
+    def _compare(self, prompts: list[str], a: list[Response], b: list[Response]) -> np.ndarray:
         """Bradley-Terry probability sigmoid(r_a - r_b) that ``a`` beats ``b``."""
-        if len(responses_a) != len(prompts) or len(responses_b) != len(prompts):
-            raise JudgeError(
-                f"judge: got {len(prompts)} prompts, {len(responses_a)} and {len(responses_b)} "
-                "responses"
-            )
-        n = len(prompts)
-        s = self.score([*prompts, *prompts], [*responses_a, *responses_b])
+        sa, sb = self.score_both(prompts, a, b)
         with np.errstate(over="ignore"):
-            return 1.0 / (1.0 + np.exp(-(s[:n] - s[n:])))
+            return 1.0 / (1.0 + np.exp(-(sa - sb)))
 
     def __repr__(self) -> str:
         return (

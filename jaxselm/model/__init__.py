@@ -8,7 +8,6 @@ from jaxselm.model.api import (
     init_cache,
     init_params,
     param_logical_axes,
-    param_shapes,
     reward_scores,
 )
 from jaxselm.model.config import PRESETS, ModelConfig, RopeScaling, get_preset
@@ -28,6 +27,5 @@ __all__ = [
     "init_cache",
     "init_params",
     "param_logical_axes",
-    "param_shapes",
     "reward_scores",
 ]

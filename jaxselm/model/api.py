@@ -66,8 +66,6 @@ def abstract_params(config: ModelConfig, *, head: str = "lm", shardings: Any = N
     )
 
 
-param_shapes = abstract_params  # the earlier name
-
 
 def _check_tokens(tokens, attention_mask):
     chex.assert_rank(tokens, 2)

@@ -176,29 +176,42 @@ class ModelConfig(FrozenConfig):
         return 3.0 * fwd if training else fwd
 
 
+_TINY: dict[str, Any] = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=256,
+    position="rope",
+)
+_LLAMA3_8B: dict[str, Any] = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    intermediate_size=14336,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    rope_scaling=None,
+    max_position_embeddings=8192,
+    dtype="bfloat16",
+)
+# Mistral-7B-v0.1 has Llama-3-8B's shape, with Llama-2's vocabulary and RoPE and a sliding window.
+_MISTRAL_7B: dict[str, Any] = dict(
+    _LLAMA3_8B,
+    vocab_size=32000,
+    rope_theta=10000.0,
+    sliding_window=4096,
+    max_position_embeddings=32768,
+)
+
 _PRESETS: dict[str, dict[str, Any]] = {
     # Tests: a few thousand parameters, every code path (GQA, CoPE) reachable by .replace().
-    "tiny": dict(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        position="rope",
-    ),
-    "tiny-cope": dict(
-        vocab_size=64,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        position="cope",
-        cope_npos_max=16,
-    ),
+    "tiny": _TINY,
+    "tiny-cope": dict(_TINY, position="cope", cope_npos_max=16),
     # The CoPE paper's toy-task size (selective copy: dim 64, 2 layers, 2 heads).
     "cope-small": dict(
         vocab_size=32,
@@ -235,28 +248,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=10000.0,
         dtype="bfloat16",
     ),
-    "llama3-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        intermediate_size=14336,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling=None,
-        max_position_embeddings=8192,
-        dtype="bfloat16",
-    ),
+    "llama3-8b": _LLAMA3_8B,
     "llama3.1-8b": dict(
-        vocab_size=128256,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        intermediate_size=14336,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
+        _LLAMA3_8B,
         rope_scaling=dict(
             rope_type="llama3",
             factor=8.0,
@@ -265,35 +259,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
             original_max_position_embeddings=8192,
         ),
         max_position_embeddings=131072,
-        dtype="bfloat16",
     ),
-    "mistral-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        intermediate_size=14336,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        sliding_window=4096,
-        max_position_embeddings=32768,
-        dtype="bfloat16",
-    ),
+    "mistral-7b": _MISTRAL_7B,
     # Zephyr-7B-SFT is Mistral-7B-v0.1 fine-tuned: same architecture.
-    "zephyr-7b": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        intermediate_size=14336,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        sliding_window=4096,
-        max_position_embeddings=32768,
-        dtype="bfloat16",
-    ),
+    "zephyr-7b": _MISTRAL_7B,
     "map-neo-7b": dict(
         vocab_size=64256,
         hidden_size=3072,

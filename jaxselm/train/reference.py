@@ -107,21 +107,5 @@ class ReferenceFn:
             return self._compiled[key](params, batch)
 
 
-def make_reference_fn(
-    config: ModelConfig,
-    mesh: jax.sharding.Mesh,
-    *,
-    responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
-    micro_batches: int = 1,
-    rules: Rules = LOGICAL_AXIS_RULES,
-    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
-) -> ReferenceFn:
-    """``fn(ref_params, batch) -> LogProbs [B]``, jitted with shardings on ``mesh``."""
-    return ReferenceFn(
-        config,
-        mesh,
-        responses=responses,
-        micro_batches=micro_batches,
-        rules=rules,
-        activation_constraints=activation_constraints,
-    )
+# ``fn = make_reference_fn(config, mesh)``: ``fn(ref_params, batch) -> LogProbs [B]``.
+make_reference_fn = ReferenceFn

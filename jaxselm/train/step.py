@@ -336,24 +336,14 @@ def make_preference_step(
     train: TrainConfig,
     optimizer: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
-    *,
-    rules: Rules = LOGICAL_AXIS_RULES,
-    donate: bool = True,
-    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+    **options: Any,
 ) -> ShardedStep:
-    """The SELM (or DPO/IPO/XPO, per ``train.loss``) step; batch layout in the module docstring."""
-    return make_step(
-        preference_loss_fn(config, train),
-        config,
-        optimizer,
-        make_schedule(train.optimizer),
-        mesh,
-        micro_batches=train.micro_batches,
-        weight_name=M.PAIRS,
-        rules=rules,
-        donate=donate,
-        activation_constraints=activation_constraints,
-    )
+    """The SELM (or DPO/IPO/XPO, per ``train.loss``) step; batch layout in the module docstring.
+
+    ``options``: ``rules``, ``donate``, ``activation_constraints`` (as for :func:`make_step`).
+    """
+    loss_fn = preference_loss_fn(config, train)
+    return _train_step(loss_fn, M.PAIRS, config, train, optimizer, mesh, **options)
 
 
 def make_sft_step(
@@ -361,23 +351,24 @@ def make_sft_step(
     train: TrainConfig,
     optimizer: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
-    *,
-    rules: Rules = LOGICAL_AXIS_RULES,
-    donate: bool = True,
-    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+    **options: Any,
 ) -> ShardedStep:
     """Supervised fine-tuning step: mean NLL over all loss-masked tokens of the whole batch."""
+    return _train_step(sft_loss_fn(config), M.SFT_TOKENS, config, train, optimizer, mesh, **options)
+
+
+def _train_step(loss_fn, weight_name, config, train, optimizer, mesh, **options) -> ShardedStep:
+    """:func:`make_step` with ``train``'s schedule and micro-batches."""
+    schedule = make_schedule(train.optimizer)
     return make_step(
-        sft_loss_fn(config),
+        loss_fn,
         config,
         optimizer,
-        make_schedule(train.optimizer),
+        schedule,
         mesh,
         micro_batches=train.micro_batches,
-        weight_name=M.SFT_TOKENS,
-        rules=rules,
-        donate=donate,
-        activation_constraints=activation_constraints,
+        weight_name=weight_name,
+        **options,
     )
 
 
@@ -390,8 +381,7 @@ def make_reward_model_step(
     score_fn: Callable[[Any, jax.Array, jax.Array], jax.Array] | None = None,
     rules: Rules = LOGICAL_AXIS_RULES,
     shardings: TrainState | None = None,
-    donate: bool = True,
-    activation_constraints: bool = ACTIVATION_CONSTRAINTS,
+    **options: Any,
 ) -> ShardedStep:
     """Bradley-Terry reward-model step over params with the reward head (``head="reward"``).
 
@@ -406,18 +396,17 @@ def make_reward_model_step(
 
     if shardings is None:
         shardings = state_shardings(config, optimizer, mesh, rules, head="reward")
-    return make_step(
-        reward_loss_fn(score_fn),
+    loss_fn = reward_loss_fn(score_fn)
+    return _train_step(
+        loss_fn,
+        M.PAIRS,
         config,
+        train,
         optimizer,
-        make_schedule(train.optimizer),
         mesh,
-        micro_batches=train.micro_batches,
-        weight_name=M.PAIRS,
         rules=rules,
         shardings=shardings,
-        donate=donate,
-        activation_constraints=activation_constraints,
+        **options,
     )
 
 

@@ -22,7 +22,7 @@ import jaxselm.hf.export as export
 from jaxselm.errors import CheckpointError, ConfigError
 from jaxselm.hf import iter_hf_tensors, load_hf_checkpoint, read_hf_config, save_hf_checkpoint
 from jaxselm.hf.layout import NP_DTYPES
-from jaxselm.model import get_preset, param_logical_axes, param_shapes
+from jaxselm.model import abstract_params, get_preset, param_logical_axes
 
 CFG = get_preset("tiny")  # V=64, E=32, L=2, H=4, K=2, F=64
 
@@ -31,7 +31,7 @@ def _params(cfg=CFG, head="lm", seed=0):
     """Random host params of the model's shapes, every entry distinct (so a swap is caught)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), param_shapes(cfg, head=head)
+        lambda s: rng.normal(0.0, 0.5, s.shape).astype(s.dtype), abstract_params(cfg, head=head)
     )
 
 

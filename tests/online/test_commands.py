@@ -42,6 +42,17 @@ mesh: {{data: -1}}
 """
 
 
+def run_cli(command: str, **flags) -> int:
+    """``jaxselm <command> --flag value ...`` (True: a bare switch; ``from_``: ``--from``)."""
+    argv = [command]
+    for name, value in flags.items():
+        argv += [
+            f"--{name.rstrip('_').replace('_', '-')}",
+            *([] if value is True else [str(value)]),
+        ]
+    return main(argv)
+
+
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cmds")
@@ -60,20 +71,7 @@ def test_sft_generate_eval(sft_run, capsys):
     prompts.write_text('{"prompt": "sort 3 1 ="}\n{"prompt": "sort 4 0 2 ="}\n')
     out = tmp / "gen.jsonl"
     assert (
-        main(
-            [
-                "generate",
-                "--config",
-                str(cfg),
-                "--checkpoint",
-                str(policy),
-                "--prompts",
-                str(prompts),
-                "--output",
-                str(out),
-                "--greedy",
-            ]
-        )
+        run_cli("generate", config=cfg, checkpoint=policy, prompts=prompts, output=out, greedy=True)
         == 0
     )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -82,42 +80,14 @@ def test_sft_generate_eval(sft_run, capsys):
     )
     alpaca = tmp / "alpaca.json"
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "eval",
-                "--config",
-                str(cfg),
-                "--checkpoint",
-                str(policy),
-                "--baseline",
-                str(policy),
-                "--alpaca-eval",
-                str(alpaca),
-            ]
-        )
-        == 0
-    )
+    assert run_cli("eval", config=cfg, checkpoint=policy, baseline=policy, alpaca_eval=alpaca) == 0
     result = json.loads(capsys.readouterr().out.split("\nwrote")[0])
     assert result["win_rate"] == pytest.approx(0.5)  # a model against itself: all ties
     assert len(json.loads(alpaca.read_text())) == 8
     bad = tmp / "bad.jsonl"
     bad.write_text('{"prompt": "sort 1 ="}\nnot json\n')
     assert (
-        main(
-            [
-                "generate",
-                "--config",
-                str(cfg),
-                "--checkpoint",
-                str(policy),
-                "--prompts",
-                str(bad),
-                "--output",
-                str(tmp / "x.jsonl"),
-            ]
-        )
-        == 2
+        run_cli("generate", config=cfg, checkpoint=policy, prompts=bad, output=tmp / "x.jsonl") == 2
     )
     assert "bad.jsonl:2" in capsys.readouterr().err
     assert not (tmp / "x.jsonl").exists()
@@ -131,22 +101,7 @@ def test_convert_round_trip(sft_run):
     tmp, cfg = sft_run
     policy = tmp / "run" / "policy" / "iter_00"
     hf_dir = tmp / "hf"
-    assert (
-        main(
-            [
-                "convert",
-                "--from",
-                "jaxselm",
-                "--input",
-                str(policy),
-                "--output",
-                str(hf_dir),
-                "--config",
-                str(cfg),
-            ]
-        )
-        == 0
-    )
+    assert run_cli("convert", from_="jaxselm", input=policy, output=hf_dir, config=cfg) == 0
     assert (hf_dir / "config.json").is_file()
     back = tmp / "back"
     assert main(["convert", "--from", "hf", "--input", str(hf_dir), "--output", str(back)]) == 0
@@ -189,21 +144,9 @@ def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
     assert accuracy == pytest.approx(rm[-1]["rm/accuracy"], abs=5e-4)
     # The fitted reward model as the judge (a whole-section override replaces the judge spec).
     rm_judge = f"judge={{kind: reward_model, checkpoint: {run / 'reward_model' / 'params'}}}"
-    assert (
-        main(
-            [
-                "eval",
-                "--config",
-                str(cfg),
-                "--checkpoint",
-                str(run / "policy" / "iter_01"),
-                "--baseline",
-                str(run / "policy" / "iter_00"),
-                rm_judge,
-            ]
-        )
-        == 0
-    )
+    policy = run / "policy"
+    evaluate = ["eval", "--config", str(cfg), "--checkpoint", str(policy / "iter_01")]
+    assert main([*evaluate, "--baseline", str(policy / "iter_00"), rm_judge]) == 0
     result = json.loads(capsys.readouterr().out)
     # 12 rows, no eval file: one row (10%, at least 1) is held out for evaluation.
     assert 0.0 <= result["win_rate"] <= 1.0 and result["judged"] == 1

@@ -14,48 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-TINY = """
-run: {{output_dir: {out}, seed: 3, progress: false, async_checkpoints: false}}
-model: {{preset: tiny-cope, cope_npos_max: 8}}
-data:
-  source: task
-  task: sort
-  task_settings: {{min_items: 2, max_items: 3, max_value: 4}}
-  num_eval_prompts: 8
-sft: {{steps: 4, batch_size: 8, learning_rate: 3.0e-3, demonstrations: 32}}
-online:
-  iterations: 2
-  prompts_per_iteration: 8
-  samples_per_prompt: 3
-  max_new_tokens: 4
-  generation_batch_size: 8
-  epochs: 1
-  batch_size: 4
-  learning_rates: 1.0e-3
-  checkpoint_every: 1
-train: {{loss: selm, beta: 0.1, alpha: 1.0e-3}}
-judge: {{kind: programmatic, function: "resume_judge:score"}}
-mesh: {{data: -1}}
-"""
-
-
-# A judge whose scores rarely tie (a deterministic hash of the response), so every iteration
-# has preference pairs even though the tiny model barely learns the task.
-JUDGE = """
-import zlib
-
-
-def score(prompt, response):
-    return (zlib.crc32(response.encode()) % 1000) / 1000.0
-"""
+from tiny_run import write_tiny_run
 
 
 def _write_config(tmp: Path, name: str) -> Path:
-    (tmp / "resume_judge.py").write_text(JUDGE)
-    cfg = tmp / f"{name}.yaml"
-    cfg.write_text(TINY.format(out=tmp / name))
-    return cfg
+    return write_tiny_run(tmp, name, tmp / name, judge="resume_judge")
 
 
 def _run(
@@ -159,9 +122,7 @@ def test_killed_in_every_phase_then_resumed_equals_uninterrupted(uninterrupted, 
 @pytest.mark.slow
 def test_changed_config_refuses_to_resume(uninterrupted, tmp_path):
     ref_dir, _ = uninterrupted
-    (tmp_path / "resume_judge.py").write_text(JUDGE)
-    cfg = tmp_path / "changed.yaml"
-    cfg.write_text(TINY.format(out=ref_dir).replace("seed: 3", "seed: 4"))
+    cfg = write_tiny_run(tmp_path, "changed", ref_dir, judge="resume_judge", seed=4)
     res = _run(cfg)
     assert res.returncode == 2
     assert "run.output_dir" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -25,39 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-TINY = """
-run: {{output_dir: {out}, seed: 3, progress: false, async_checkpoints: false, tensorboard: false}}
-model: {{preset: tiny-cope, cope_npos_max: 8}}
-data:
-  source: task
-  task: sort
-  task_settings: {{min_items: 2, max_items: 3, max_value: 4}}
-  num_eval_prompts: 8
-sft: {{steps: 4, batch_size: 8, learning_rate: 3.0e-3, demonstrations: 32}}
-online:
-  iterations: 2
-  prompts_per_iteration: 8
-  samples_per_prompt: 3
-  max_new_tokens: 4
-  generation_batch_size: 8
-  epochs: 1
-  batch_size: 8
-  learning_rates: 1.0e-3
-  checkpoint_every: 1
-train: {{loss: selm, beta: 0.1, alpha: 1.0e-3}}
-judge: {{kind: programmatic, function: "mp_judge:score"}}
-mesh: {{data: -1}}
-"""
-
-# Scores that rarely tie (a hash of the response), so every iteration has preference pairs.
-JUDGE = """
-import zlib
-
-
-def score(prompt, response):
-    return (zlib.crc32(response.encode()) % 1000) / 1000.0
-"""
+from tiny_run import write_tiny_run
 
 TIMEOUT_S = 420  # per run; the pair takes about a minute on two shared cores
 
@@ -106,13 +74,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 def _run_pair(
     tmp: Path,
-    cfg: Path,
-    out: Path,
+    argv: list[str],
     env1: dict[str, str] | None = None,
     env_all: dict[str, str] | None = None,
 ):
-    """Both processes of a 2 x 4 run; returns [(returncode, stdout, stderr)] by process id.
-    ``env1``: extra environment of process 1 only; ``env_all``: of both."""
+    """Both processes of a 2 x 4 run of ``argv``; returns [(returncode, stdout, stderr)] by
+    process id. ``env1``: extra environment of process 1 only; ``env_all``: of both."""
     port = _free_port()
     pair = []
     for pid in range(2):
@@ -128,7 +95,7 @@ def _run_pair(
         )
         pair.append(
             subprocess.Popen(
-                _cmd(cfg, out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         )
     results = []
@@ -147,11 +114,13 @@ def _run_pair(
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiprocess")
-    (tmp / "mp_judge.py").write_text(JUDGE)
-    cfg = tmp / "tiny.yaml"
-    cfg.write_text(TINY.format(out=tmp / "unused"))
+    cfg = write_tiny_run(
+        tmp, "tiny", tmp / "unused", judge="mp_judge", batch_size=8, tensorboard=False
+    )
 
-    results = _run_pair(tmp, cfg, tmp / "pair", env_all={"JAXSELM_READ_LOG": str(tmp / "reads")})
+    results = _run_pair(
+        tmp, _cmd(cfg, tmp / "pair"), env_all={"JAXSELM_READ_LOG": str(tmp / "reads")}
+    )
     for pid, (rc, _, err) in enumerate(results):
         assert rc == 0, f"process {pid}:\n{err[-4000:]}"
     outs = [(out, err) for _, out, err in results]
@@ -295,8 +264,7 @@ def test_sigterm_on_one_host_stops_both_and_the_pair_resumes_exactly(runs):
     out = tmp / "preempted"
     stopped = _run_pair(
         tmp,
-        cfg,
-        out,
+        _cmd(cfg, out),
         env1={"JAXSELM_FAULT_AT": "iter1/train/step1", "JAXSELM_FAULT_SIGNAL": "TERM"},
     )
     assert [rc for rc, _, _ in stopped] == [0, 0], stopped[1][2][-3000:]
@@ -307,7 +275,7 @@ def test_sigterm_on_one_host_stops_both_and_the_pair_resumes_exactly(runs):
     with Checkpointer(out / "iter_01" / "ckpt", create=False) as ck:
         assert ck.latest_step() == 1
 
-    resumed = _run_pair(tmp, cfg, out)
+    resumed = _run_pair(tmp, _cmd(cfg, out))
     assert [rc for rc, _, _ in resumed] == [0, 0], resumed[0][2][-3000:]
     for t in range(3):
         a = _params(out / "policy" / f"iter_{t:02d}")
@@ -362,48 +330,16 @@ def test_pair_offline_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path)
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tmp_path / "prefs.yaml"
     cfg.write_text(PREFS_CFG.format(out=tmp_path / "unused", prefs=prefs))
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = _env(
-            tmp_path,
-            4,
-            JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
-            JAXSELM_NUM_PROCESSES="2",
-            JAXSELM_PROCESS_ID=str(pid),
-            JAXSELM_INIT_TIMEOUT="120",
-            JAXSELM_READ_LOG=str(tmp_path / "reads"),
-        )
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "jaxselm",
-                    "train",
-                    "--config",
-                    str(cfg),
-                    f"run.output_dir={tmp_path / 'pair'}",
-                ],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    for pid, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=TIMEOUT_S)
-        assert proc.returncode == 0, f"process {pid}:\n{err[-4000:]}"
+    train = [sys.executable, "-m", "jaxselm", "train", "--config", str(cfg)]
+    pair = _run_pair(
+        tmp_path,
+        [*train, f"run.output_dir={tmp_path / 'pair'}"],
+        env_all={"JAXSELM_READ_LOG": str(tmp_path / "reads")},
+    )
+    for pid, (rc, _, err) in enumerate(pair):
+        assert rc == 0, f"process {pid}:\n{err[-4000:]}"
     single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jaxselm",
-            "train",
-            "--config",
-            str(cfg),
-            f"run.output_dir={tmp_path / 'single'}",
-        ],
+        [*train, f"run.output_dir={tmp_path / 'single'}"],
         env=_env(tmp_path, 8),
         capture_output=True,
         text=True,
@@ -468,31 +404,10 @@ def test_hf_export_of_params_sharded_across_hosts(tmp_path):
 
     script = tmp_path / "export.py"
     script.write_text(HF_EXPORT)
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = _env(
-            tmp_path,
-            4,
-            JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
-            JAXSELM_NUM_PROCESSES="2",
-            JAXSELM_PROCESS_ID=str(pid),
-            JAXSELM_INIT_TIMEOUT="120",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script), str(tmp_path / "pair"), "distributed"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
-    outs = []
-    for pid, proc in enumerate(procs):
-        out, err = proc.communicate(timeout=TIMEOUT_S)
-        assert proc.returncode == 0, f"process {pid}:\n{err[-4000:]}"
-        outs.append(out)
+    pair = _run_pair(tmp_path, [sys.executable, str(script), str(tmp_path / "pair"), "distributed"])
+    for pid, (rc, _, err) in enumerate(pair):
+        assert rc == 0, f"process {pid}:\n{err[-4000:]}"
+    outs = [out for _, out, _ in pair]
     assert all("split leaves: 0" not in o and "split leaves:" in o for o in outs), outs
     single = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "single")],
@@ -530,9 +445,9 @@ def _abstract_like(ck, step):
 @pytest.mark.slow
 @pytest.mark.parametrize("process_id", [0, 1])  # the coordinator alone; a worker without one
 def test_process_without_its_peer_fails_fast(tmp_path, process_id):
-    (tmp_path / "mp_judge.py").write_text(JUDGE)
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY.format(out=tmp_path / "out"))
+    cfg = write_tiny_run(
+        tmp_path, "tiny", tmp_path / "out", judge="mp_judge", batch_size=8, tensorboard=False
+    )
     port = _free_port()
     env = _env(
         tmp_path,
@@ -564,35 +479,33 @@ def test_process_without_its_peer_fails_fast(tmp_path, process_id):
     assert not (tmp_path / "out").exists()  # failed before any work
 
 
-def test_inconsistent_settings_are_one_line_errors(tmp_path):
-    """Half-given explicit settings fail before any connection attempt."""
-    res = subprocess.run(
-        [sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
-        env=_env(tmp_path, 4, JAXSELM_COORDINATOR="127.0.0.1:1234"),
+def _online_without_config(tmp: Path, **env: str) -> subprocess.CompletedProcess:
+    """``jaxselm online`` with a config file that does not exist, on 4 devices: the multi-process
+    settings checked here fail before it is read."""
+    return subprocess.run(
+        [sys.executable, "-m", "jaxselm", "online", "--config", str(tmp / "x.yaml")],
+        env=_env(tmp, 4, **env),
         capture_output=True,
         text=True,
         check=False,
         timeout=120,
     )
+
+
+def test_inconsistent_settings_are_one_line_errors(tmp_path):
+    """Half-given explicit settings fail before any connection attempt."""
+    res = _online_without_config(tmp_path, JAXSELM_COORDINATOR="127.0.0.1:1234")
     assert res.returncode == 2
     assert res.stderr.strip() == (
         "jaxselm online: error: JAXSELM_NUM_PROCESSES: required when "
         "JAXSELM_COORDINATOR / JAXSELM_NUM_PROCESSES / JAXSELM_PROCESS_ID "
         "are used (set all three)"
     )
-    res = subprocess.run(
-        [sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
-        env=_env(
-            tmp_path,
-            4,
-            JAXSELM_COORDINATOR="127.0.0.1:1234",
-            JAXSELM_NUM_PROCESSES="2",
-            JAXSELM_PROCESS_ID="2",
-        ),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
+    res = _online_without_config(
+        tmp_path,
+        JAXSELM_COORDINATOR="127.0.0.1:1234",
+        JAXSELM_NUM_PROCESSES="2",
+        JAXSELM_PROCESS_ID="2",
     )
     assert res.returncode == 2
     assert res.stderr.strip().endswith("JAXSELM_PROCESS_ID: 2 is not below JAXSELM_NUM_PROCESSES=2")
@@ -686,19 +599,8 @@ def test_settings_from_env():
 
 
 def test_bad_coordinator_address_fails_before_connecting(tmp_path):
-    res = subprocess.run(
-        [sys.executable, "-m", "jaxselm", "online", "--config", str(tmp_path / "x.yaml")],
-        env=_env(
-            tmp_path,
-            4,
-            JAXSELM_COORDINATOR="localhost",
-            JAXSELM_NUM_PROCESSES="2",
-            JAXSELM_PROCESS_ID="0",
-        ),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
+    res = _online_without_config(
+        tmp_path, JAXSELM_COORDINATOR="localhost", JAXSELM_NUM_PROCESSES="2", JAXSELM_PROCESS_ID="0"
     )
     assert res.returncode == 2
     assert res.stderr == (
