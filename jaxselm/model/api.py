@@ -66,7 +66,6 @@ def abstract_params(config: ModelConfig, *, head: str = "lm", shardings: Any = N
     )
 
 
-
 def _check_tokens(tokens, attention_mask):
     chex.assert_rank(tokens, 2)
     if attention_mask is not None:
