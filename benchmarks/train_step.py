@@ -41,6 +41,7 @@ import time
 import jax
 import numpy as np
 
+from jaxselm.data.packing import PreferenceBatch, pack_preferences
 from jaxselm.model import get_preset
 from jaxselm.parallel import make_mesh
 from jaxselm.train import (
@@ -80,17 +81,15 @@ def peak_flops(device: jax.Device, override_tflops: float | None) -> float | Non
     return None
 
 
-def random_batch(rng: np.random.Generator, vocab: int, batch: int, length: int) -> dict:
+def random_batch(rng: np.random.Generator, vocab: int, batch: int, length: int) -> PreferenceBatch:
     """Preference rows: a prompt of T/4 tokens and a full-length response, right-padded."""
-    out = {}
     prompt = max(1, length // 4)
-    for name in ("chosen", "rejected", "refresp"):
-        out[f"{name}_tokens"] = rng.integers(1, vocab, (batch, length), dtype=np.int32)
-        out[f"{name}_mask"] = np.ones((batch, length), np.int32)
-        loss_mask = np.ones((batch, length), np.int32)
-        loss_mask[:, :prompt] = 0
-        out[f"{name}_loss_mask"] = loss_mask
-    return out
+    prompts = rng.integers(1, vocab, (batch, prompt)).tolist()
+
+    def responses():
+        return rng.integers(1, vocab, (batch, length - prompt)).tolist()
+
+    return pack_preferences(prompts, responses(), responses(), responses(), pad_id=0, length=length)
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
@@ -114,7 +113,7 @@ def run_case(args, preset: str, mesh_shape: tuple[int, int, int]) -> dict:
     state = init_train_state(config, tx, jax.random.key(0), mesh)
     batch = random_batch(np.random.default_rng(0), config.vocab_size, args.batch, args.seq_len)
     ref = make_reference_fn(config, mesh, micro_batches=args.micro_batches)(state.params, batch)
-    full = {**batch, **jax.device_get(ref)}
+    full = batch.replace(ref_logps=jax.device_get(ref))
     step = make_preference_step(config, train, tx, mesh)
     full = jax.device_put(full, step.batch_shardings(full))
 
