@@ -83,6 +83,7 @@ class Run:
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
+        self.preempted = False  # set when a SIGTERM ended the session
 
     # -- commands ----------------------------------------------------------------------------
     def online(self) -> int:
@@ -191,7 +192,6 @@ class Run:
                 write_json(ctx.out / "config.json", ctx.cfg.model_dump(mode="json"))
             ctx.write_json(ctx.out / STATE, {"config_digest": digest, "completed_iterations": -1})
         ctx.metrics = MetricsWriter(ctx.out, tensorboard=ctx.cfg.run.tensorboard)
-        self.preempted = False
         try:
             with SigtermFlag() as flag:
                 ctx.stop = lambda: flag.raised
