@@ -143,36 +143,50 @@ def _load_run_config(args):
     return load_config(RunConfig, args.config, args.overrides)
 
 
+def _config_dir(args) -> str:
+    """The run config's folder: a programmatic judge's module is also looked for there."""
+    return os.path.dirname(os.path.abspath(args.config))
+
+
 def _cmd_online(args) -> int:
     from jaxselm.online.loop import run_online
 
-    return run_online(_load_run_config(args))
+    return run_online(_load_run_config(args), config_dir=_config_dir(args))
 
 
 def _cmd_sft(args) -> int:
     from jaxselm.online.loop import run_sft
 
-    return run_sft(_load_run_config(args))
+    return run_sft(_load_run_config(args), config_dir=_config_dir(args))
 
 
 def _cmd_generate(args) -> int:
     from jaxselm.online.commands import generate_command
 
+    cfg = _load_run_config(args)
     return generate_command(
-        _load_run_config(args), args.checkpoint, args.prompts, args.output, greedy=args.greedy
+        cfg,
+        args.checkpoint,
+        args.prompts,
+        args.output,
+        greedy=args.greedy,
+        config_dir=_config_dir(args),
     )
 
 
 def _cmd_eval(args) -> int:
     from jaxselm.online.commands import eval_command
 
-    return eval_command(_load_run_config(args), args.checkpoint, args.baseline, args.alpaca_eval)
+    cfg = _load_run_config(args)
+    return eval_command(
+        cfg, args.checkpoint, args.baseline, args.alpaca_eval, config_dir=_config_dir(args)
+    )
 
 
 def _cmd_train(args) -> int:
     from jaxselm.online.loop import run_offline
 
-    return run_offline(_load_run_config(args))
+    return run_offline(_load_run_config(args), config_dir=_config_dir(args))
 
 
 def _cmd_train_rm(args) -> int:

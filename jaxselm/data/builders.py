@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections import Counter
@@ -215,9 +216,17 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return _counts(self)
 
     def prepare(self) -> None:
-        """Prepares the dataset unless already on disk; a failed preparation leaves nothing."""
+        """Prepares the dataset unless already on disk; a failed preparation leaves nothing.
+
+        Quietly: nothing is downloaded, so TFDS's "Downloading and preparing" lines, its progress
+        bars and its warning about our (fingerprinted) custom config would only mislead.
+        """
         parent = Path(self.data_dir).parent
         before = set(parent.glob("incomplete*")) if parent.exists() else set()
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)
+        tfds.disable_progress_bar()
         try:
             self.download_and_prepare(
                 download_config=tfds.download.DownloadConfig(
@@ -229,6 +238,16 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 for p in set(parent.glob("incomplete*")) - before:
                     shutil.rmtree(p, ignore_errors=True)
             raise
+        finally:
+            absl_logger.setLevel(level)
+
+    # TFDS prints these two (bold, on stdout) around every preparation and offers no switch; a
+    # local file is not downloaded, so they say nothing true here.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
 
 class PromptsBuilder(_Builder, skip_registration=True):

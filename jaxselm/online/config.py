@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import field_validator, model_validator
 
+from jaxselm.checkpoints import read_model_config
 from jaxselm.config_base import (
     FrozenConfig,
     NonNegativeFloat,
@@ -32,6 +33,7 @@ from jaxselm.config_base import (
 from jaxselm.errors import ConfigError
 from jaxselm.feedback.config import JudgeConfig, ProgrammaticJudgeConfig, parse_judge_config
 from jaxselm.model import ModelConfig
+from jaxselm.model.config import RUNTIME_FIELDS
 from jaxselm.parallel.mesh import MeshConfig
 from jaxselm.train.optimizer import TrainConfig
 
@@ -77,13 +79,14 @@ class DataSection(FrozenConfig):
     tokenizer: str | None = None
     chat_template: bool = True  # wrap prompts with the tokenizer's chat template (prompts source)
     max_prompt_tokens: PositiveInt = 512
+    # Prompts longer than max_prompt_tokens: keep their last max_prompt_tokens tokens (as the SELM
+    # authors do), leave them out of the run, or stop with an error naming the prompt.
+    long_prompts: Literal["truncate", "skip", "error"] = "truncate"
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
         if self.source == "prompts" and not self.prompts_path:
             raise ValueError("prompts_path: required when data.source is 'prompts'")
-        if self.source == "prompts" and not self.tokenizer:
-            raise ValueError("tokenizer: required when data.source is 'prompts'")
         for key in ("prompts_path", "eval_prompts_path"):
             path = getattr(self, key)
             if self.source == "prompts" and path and not os.path.exists(path):
@@ -119,7 +122,9 @@ class OnlineSection(FrozenConfig):
     include_dataset_responses: bool = False  # rank the dataset's chosen/rejected too (SELM paper)
     min_margin: NonNegativeFloat = 0.0  # pairs whose best-worst score gap is <= this are dropped
     no_eos_penalty: float | None = None  # subtracted from responses that never emitted EOS
-    refresp: Literal["first", "random"] = "first"  # which policy sample is y_ref
+    # y_ref: the iteration-start policy's greedy response (the SELM authors'), or one of the
+    # policy's samples (the first, or one drawn at random).
+    refresp: Literal["greedy", "first", "random"] = "greedy"
     epochs: PositiveInt = 1
     batch_size: PositiveInt = 16  # pairs per optimizer update
     # One learning rate per iteration (the SELM authors decay them), or one for all.
@@ -127,6 +132,9 @@ class OnlineSection(FrozenConfig):
     # One alpha per iteration (e.g. [0, 1e-3, 1e-3]: DPO first, then SELM), or None: train.alpha.
     alphas: list[NonNegativeFloat] | None = None
     checkpoint_every: PositiveInt = 50  # train steps between mid-iteration checkpoints
+    # The first offline_iterations iterations train on the dataset's own (chosen, rejected) pairs
+    # of their slice of prompts instead of generating (the Zephyr recipe: offline DPO first).
+    offline_iterations: NonNegativeInt = 0
     num_eval_prompts: PositiveInt | None = None  # None: data.num_eval_prompts
 
     @model_validator(mode="after")
@@ -139,6 +147,11 @@ class OnlineSection(FrozenConfig):
         if self.greedy and self.samples_per_prompt != 1:
             raise ValueError(
                 "samples_per_prompt: greedy generation gives one response per prompt (set 1)"
+            )
+        if self.offline_iterations > self.iterations:
+            raise ValueError(
+                f"offline_iterations: {self.offline_iterations} is more than the "
+                f"{self.iterations} iterations"
             )
         if self.samples_per_prompt < 2 and not self.include_dataset_responses:
             raise ValueError(
@@ -168,6 +181,64 @@ class RunConfig(FrozenConfig):
     train: TrainConfig = TrainConfig()
     judge: JudgeConfig = ProgrammaticJudgeConfig(function="jaxselm.data.tasks:score")
     mesh: MeshConfig = MeshConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _model_from_checkpoint(cls, data: Any) -> Any:
+        """With ``init.checkpoint`` the checkpoint supplies the model section: keys the run config
+        also sets (a preset counts as setting all of its keys) must describe the same network,
+        or the run stops with an error naming the key; the runtime keys (dtypes, CoPE
+        implementation, remat) are the run config's."""
+        if not isinstance(data, dict):
+            return data
+        init = data.get("init") if isinstance(data.get("init"), dict) else {}
+        path = init.get("checkpoint")
+        given = data.get("model", {})
+        if (
+            path is None
+            and isinstance(given, dict)
+            and given
+            and not {"preset", "vocab_size"} & set(given)
+        ):
+            detail = "no preset and no model keys: give a preset, the keys, or an init.checkpoint"
+            raise ConfigError(f"model: {detail}", path=("model",), detail=detail)
+        if not isinstance(path, str) or not os.path.exists(path) or not isinstance(given, dict):
+            return data  # the sections' own checks report what is wrong
+        found = read_model_config(path)
+        if found is None:  # an export saved without its model config: the model section rules
+            return data
+        given = dict(given)
+        if "preset" in given:
+            given = ModelConfig(**given).model_dump()
+        for key, value in given.items():
+            if key in RUNTIME_FIELDS or key not in ModelConfig.model_fields:
+                continue
+            theirs = getattr(found, key)
+            mine = ModelConfig(**{**found.model_dump(), key: value}).model_dump()[key]
+            if mine != found.model_dump()[key]:
+                detail = (
+                    f"{value!r} in the run config, but init.checkpoint {path} has {theirs!r} "
+                    "(leave the key out to take the checkpoint's)"
+                )
+                raise ConfigError(f"model.{key}: {detail}", path=("model", key), detail=detail)
+        runtime = {k: v for k, v in given.items() if k in RUNTIME_FIELDS}
+        return {**data, "model": {**found.model_dump(), **runtime}}
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.online.offline_iterations and self.data.source != "prompts":
+            detail = "offline iterations train on a preference file's pairs (data.source: prompts)"
+            raise ConfigError(
+                f"online.offline_iterations: {detail}",
+                path=("online", "offline_iterations"),
+                detail=detail,
+            )
+        if self.data.source == "prompts" and not self.data.tokenizer and not self.init.checkpoint:
+            detail = "required when data.source is 'prompts' (or an init.checkpoint that has one)"
+            raise ConfigError(
+                f"data.tokenizer: {detail}", path=("data", "tokenizer"), detail=detail
+            )
+        return self
 
     @field_validator("judge", mode="before")
     @classmethod

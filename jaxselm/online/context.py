@@ -25,7 +25,12 @@ import numpy as np
 from jaxselm.checkpoints import load_checkpoint, read_model_config
 from jaxselm.data.tokenizer import Tokenizer
 from jaxselm.errors import CheckpointError, ConfigError
-from jaxselm.feedback import Judge, RewardModelJudgeConfig, make_judge
+from jaxselm.feedback import (
+    Judge,
+    ProgrammaticJudgeConfig,
+    RewardModelJudgeConfig,
+    make_judge,
+)
 from jaxselm.files import write_arrays, write_json
 from jaxselm.model import ModelConfig
 from jaxselm.online.config import RunConfig
@@ -54,7 +59,11 @@ class RunContext:
     _reference_fns: dict[tuple[str, ...], ReferenceFn] = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def create(cls, cfg: RunConfig, *, with_judge: bool = True, log=print) -> RunContext:
+    def create(
+        cls, cfg: RunConfig, *, with_judge: bool = True, log=print, config_dir: str | None = None
+    ) -> RunContext:
+        """Everything the phases share, checked before any work. ``config_dir`` (the run config
+        file's folder) is where a programmatic judge's module is also looked for."""
         model = cfg.model
         tok = build_tokenizer(cfg)
         if tok.vocab_size > model.vocab_size:
@@ -63,7 +72,7 @@ class RunContext:
                 f"tokenizer's {tok.vocab_size} tokens"
             )
         # Built before any work: a bad judge spec (import, env var, checkpoint) fails at once.
-        judge = build_judge(cfg, tok) if with_judge else None
+        judge = build_judge(cfg, tok, config_dir) if with_judge else None
         mesh = make_mesh(cfg.mesh)
         prompts = PromptSet(cfg, tok, Path(cfg.run.output_dir))
         return cls(
@@ -125,6 +134,23 @@ class RunContext:
         if any_process(self.stop()):
             raise Preempted()
 
+    def describe(self) -> list[str]:
+        """What the run resolved, a line per part (logged when a run starts)."""
+        cfg, model, tok = self.cfg, self.model, self.tokenizer
+        origin = f"init.checkpoint {cfg.init.checkpoint}" if cfg.init.checkpoint else "random init"
+        devices = jax.devices()
+        template = "chat template" if tok.chat_template is not None else "no chat template"
+        return [
+            f"model: {model.num_params() / 1e6:.1f}M params, {model.num_layers} layers, "
+            f"hidden {model.hidden_size}, {model.position} positions, {model.dtype} compute; "
+            f"from {origin}",
+            f"tokenizer: {tok.source} ({tok.vocab_size} tokens, {template}, eos {tok.eos_id})",
+            f"judge: {self.judge!r}" if self.judge is not None else "judge: none",
+            self.prompts.describe(),
+            f"devices: {len(devices)} x {devices[0].platform} over {jax.process_count()} "
+            f"process(es), mesh {dict(self.mesh.shape)}",
+        ]
+
     # -- files -------------------------------------------------------------------------------
     def write_json(self, path: Path, obj: Any) -> None:
         """Process 0 writes; every process waits until the file is there."""
@@ -150,10 +176,12 @@ class RunContext:
         return load_checkpoint(path, model_config=self.model, mesh=self.mesh)[1]
 
 
-def build_judge(cfg: RunConfig, tokenizer: Tokenizer) -> Judge:
+def build_judge(cfg: RunConfig, tokenizer: Tokenizer, config_dir: str | None = None) -> Judge:
     """The run's judge; a reward-model judge's checkpoint (an HF LlamaForSequenceClassification
     directory, or a `jaxselm train-rm` export) is loaded here."""
     jc = cfg.judge
+    if isinstance(jc, ProgrammaticJudgeConfig):
+        return make_judge(jc, search_dirs=[config_dir] if config_dir else [])
     if not isinstance(jc, RewardModelJudgeConfig):
         return make_judge(jc)
     if jc.checkpoint is None:

@@ -53,15 +53,18 @@ def evaluate(ctx: RunContext, t: int, params: Any, ref_params: Any | None) -> di
     )
     folder = ctx.iter_dir(t) / "eval_prompts"
     share_records(folder, recs)
-    # The texts the judge reads (process 0 only; the others' rows are NaN, never written).
-    prompts = [r["prompt"] for r in shared_records(folder, count)] if is_primary() else [""] * count
+    # The texts the judge reads (process 0 only; the others' rows are NaN, never written), and
+    # which prompts count (those skipped as too long, data.long_prompts: skip, do not).
+    shared = shared_records(folder, count) if is_primary() else [{"prompt": ""}] * count
+    prompts = [r["prompt"] for r in shared]
+    valid = np.array([not r.get("skipped") for r in shared])
     resp = greedy.responses()
     texts = [ctx.text(r) for r in resp]
-    scores = _scores(ctx, prompts, texts)
+    scores = _scores(ctx, prompts, texts, valid)
     row: dict[str, Any] = {
         M.EVAL_REWARD: _mean(scores),
-        M.EVAL_ACCURACY: float(np.mean(scores >= CORRECT)),
-        M.EVAL_LENGTH: float(np.mean([len(r) for r in resp])),
+        M.EVAL_ACCURACY: _accuracy(scores, valid),
+        M.EVAL_LENGTH: float(np.mean([len(r) for r, ok in zip(resp, valid) if ok] or [0])),
         M.EVAL_DISTINCT_2: distinct_n(resp, 2),
     }
     sampled, _ = rollout(
@@ -77,9 +80,9 @@ def evaluate(ctx: RunContext, t: int, params: Any, ref_params: Any | None) -> di
     )
     s_resp = sampled.responses()
     s_texts = [ctx.text(r) for r in s_resp]
-    s_scores = _scores(ctx, prompts, s_texts)
+    s_scores = _scores(ctx, prompts, s_texts, valid)
     row[M.EVAL_SAMPLE_REWARD] = _mean(s_scores)
-    row[M.EVAL_SAMPLE_ACCURACY] = float(np.mean(s_scores >= CORRECT))
+    row[M.EVAL_SAMPLE_ACCURACY] = _accuracy(s_scores, valid)
     if t > 0:  # against the previous iteration's policy, on the same prompts
         prev = read_json(ctx.iter_dir(t - 1) / EVAL)
         for name, cur, old in (
@@ -87,13 +90,14 @@ def evaluate(ctx: RunContext, t: int, params: Any, ref_params: Any | None) -> di
             (M.EVAL_SAMPLE_WIN_RATE, s_texts, prev.get("sampled_responses")),
         ):
             if old is not None:
-                wins = (
-                    ctx.judge.compare_batch(prompts, cur, old)
-                    if is_primary()
-                    else np.full(len(prompts), np.nan)
-                )
+                wins = np.full(len(prompts), np.nan)
+                if is_primary() and valid.any():
+                    rows = np.flatnonzero(valid)
+                    wins[rows] = ctx.judge.compare_batch(
+                        [prompts[i] for i in rows], [cur[i] for i in rows], [old[i] for i in rows]
+                    )
                 row[name] = _mean(wins)
-        row[M.EVAL_KL] = _kl(ctx, sampled, s_resp, ref_params)
+        row[M.EVAL_KL] = _kl(ctx, sampled, s_resp, ref_params, valid)
         row.update(judge_stats(ctx, t))
         row.update(train_summary(ctx, t))
     fault_point(f"iter{t}/eval")
@@ -120,19 +124,29 @@ def train_summary(ctx: RunContext, t: int) -> dict[str, float]:
     return out
 
 
-def _kl(ctx: RunContext, sampled: Generation, responses: list[list[int]], ref_params) -> float:
+def _kl(
+    ctx: RunContext, sampled: Generation, responses: list[list[int]], ref_params, valid: np.ndarray
+) -> float:
     """E_y~pi[log pi(y|x) - log pi_ref(y|x)] over the temperature-1 samples."""
     logp_pol = sampled.logprobs[:, 0].sum(-1)
     rows = PairSet.of_sequences(sampled.prompt_ids(), responses, ctx.pad_id)
     logp_ref = sequence_logprobs(ctx, ref_params, rows, ("chosen",)).chosen
-    return float(np.mean(logp_pol - logp_ref))
+    return float(np.mean((logp_pol - logp_ref)[valid])) if valid.any() else None
 
 
-def _scores(ctx: RunContext, prompts: list[str], texts: list[str]) -> np.ndarray:
-    """Judge scores on process 0; the others' evaluation rows are never written (NaN)."""
-    if is_primary():
-        return ctx.judge.score(prompts, texts)
-    return np.full(len(texts), np.nan)
+def _scores(ctx: RunContext, prompts: list[str], texts: list[str], valid: np.ndarray) -> np.ndarray:
+    """Judge scores of the valid rows, on process 0; NaN elsewhere (the other processes'
+    evaluation rows are never written)."""
+    out = np.full(len(texts), np.nan)
+    if is_primary() and valid.any():
+        rows = np.flatnonzero(valid)
+        out[rows] = ctx.judge.score([prompts[i] for i in rows], [texts[i] for i in rows])
+    return out
+
+
+def _accuracy(scores: np.ndarray, valid: np.ndarray) -> float | None:
+    """Fraction of the valid rows a verifier scored right (NaN: wrong)."""
+    return float(np.mean(scores[valid] >= CORRECT)) if valid.any() else None
 
 
 def _mean(x: np.ndarray) -> float | None:

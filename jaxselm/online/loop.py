@@ -42,7 +42,7 @@ from jaxselm.online import phases
 from jaxselm.online.config import RunConfig
 from jaxselm.online.context import RunContext
 from jaxselm.online.evaluation import EVAL, evaluate, evaluation_record
-from jaxselm.online.metrics import MetricsWriter, format_table, plot_iterations
+from jaxselm.online.metrics import MetricsWriter, format_table, phase_times, plot_iterations
 from jaxselm.online.rollout import Generation
 from jaxselm.parallel.multihost import barrier, is_primary
 from jaxselm.preemption import Preempted, SigtermFlag, fault_point
@@ -51,24 +51,24 @@ from jaxselm.train.checkpoint import latest_step
 STATE = "run.json"  # {"config_digest": ..., "completed_iterations": t}
 
 
-def run_online(cfg: RunConfig, *, log=print) -> int:
+def run_online(cfg: RunConfig, *, log=print, config_dir: str | None = None) -> int:
     """Run or resume ``online.iterations`` iterations (and the warm start); exit status 0."""
-    return Run(RunContext.create(cfg, log=log)).online()
+    return Run(RunContext.create(cfg, log=log, config_dir=config_dir)).online()
 
 
-def run_sft(cfg: RunConfig, *, log=print) -> int:
+def run_sft(cfg: RunConfig, *, log=print, config_dir: str | None = None) -> int:
     """Only the warm start: writes policy/iter_00 and its evaluation."""
-    return Run(RunContext.create(cfg, log=log)).sft_only()
+    return Run(RunContext.create(cfg, log=log, config_dir=config_dir)).sft_only()
 
 
-def run_offline(cfg: RunConfig, *, log=print) -> int:
+def run_offline(cfg: RunConfig, *, log=print, config_dir: str | None = None) -> int:
     """Offline preference training on the dataset's (chosen, rejected) pairs: one 'iteration'
     from policy/iter_00, y_ref the start policy's greedy response (SELM / XPO)."""
     if cfg.data.source != "prompts":
         raise ConfigError(
             "data.source: offline training needs a preference file (data.source: prompts)"
         )
-    return Run(RunContext.create(cfg, log=log)).offline()
+    return Run(RunContext.create(cfg, log=log, config_dir=config_dir)).offline()
 
 
 def config_digest(cfg: RunConfig) -> str:
@@ -90,8 +90,9 @@ class Run:
         with self._session() as done:
             if done < 0:
                 self._iteration_zero()
-            for t in range(max(1, self._completed() + 1), self.ctx.cfg.online.iterations + 1):
-                self._iteration(t)
+            o = self.ctx.cfg.online
+            for t in range(max(1, self._completed() + 1), o.iterations + 1):
+                self._iteration(t, offline=t <= o.offline_iterations)
         return self._finish(plot=True)
 
     def sft_only(self) -> int:
@@ -103,7 +104,7 @@ class Run:
         with self._session() as done:
             if done < 0:
                 self._iteration_zero()
-            self._iteration(1, offline=True)
+            self._iteration(1, offline=True, whole_file=True)
         return self._finish(plot=False)
 
     # -- iterations --------------------------------------------------------------------------
@@ -111,14 +112,17 @@ class Run:
         ctx = self.ctx
         self._truncate_metrics(0)
         if not ctx.policy_dir(0).exists():
-            params = phases.initial_params(ctx)
+            with self._timed(0, "init"):
+                params = phases.initial_params(ctx)
             if ctx.cfg.sft.steps > 0:
-                params = phases.sft(ctx, params)
-            ctx.save_policy(0, params)
+                with self._timed(0, "sft"):
+                    params = phases.sft(ctx, params)
+            with self._timed(0, "save"):
+                ctx.save_policy(0, params)
         self._evaluate(0, None)
         self._set_completed(0 if count else max(0, self._completed()))
 
-    def _iteration(self, t: int, *, offline: bool = False) -> None:
+    def _iteration(self, t: int, *, offline: bool = False, whole_file: bool = False) -> None:
         ctx, d = self.ctx, self.ctx.iter_dir(t)
         t0 = time.time()
         self._truncate_metrics(t)
@@ -126,18 +130,25 @@ class Run:
         ref_params = ctx.load_policy(t - 1)  # pi_ref: the iteration-start policy
         if not ctx.policy_dir(t).exists():
             if offline:
-                phases.offline_pairs(ctx, t, ref_params)
+                with self._timed(t, "pairs"):
+                    phases.offline_pairs(ctx, t, ref_params, whole_file=whole_file)
             else:
                 if not (d / phases.GENERATE).exists():
-                    phases.generate(ctx, t, ref_params)
+                    with self._timed(t, "generate"):
+                        phases.generate(ctx, t, ref_params)
                 if not (d / phases.JUDGE).exists():
-                    phases.judge(ctx, t, Generation.load(d / phases.GENERATE))
+                    with self._timed(t, "judge"):
+                        phases.judge(ctx, t, Generation.load(d / phases.GENERATE))
             pairs = phases.load_pairs(ctx, t)
             if (d / phases.REFERENCE).exists():
                 ref = phases.load_reference(ctx, t)
             else:
-                ref = phases.reference(ctx, t, pairs, ref_params)
-            ctx.save_policy(t, phases.train(ctx, t, pairs, ref, ref_params))
+                with self._timed(t, "reference"):
+                    ref = phases.reference(ctx, t, pairs, ref_params)
+            with self._timed(t, "train"):
+                params = phases.train(ctx, t, pairs, ref, ref_params)
+            with self._timed(t, "save"):
+                ctx.save_policy(t, params)
             fault_point(f"iter{t}/saved")
         self._evaluate(t, ref_params)
         self._set_completed(t)
@@ -148,7 +159,17 @@ class Run:
         if (ctx.iter_dir(t) / EVAL).exists():  # done before a kill: re-emit its record
             ctx.metrics.write("iteration", t, evaluation_record(ctx, t), iteration=t)
         else:
-            evaluate(ctx, t, ctx.load_policy(t), ref_params)
+            with self._timed(t, "eval"):
+                evaluate(ctx, t, ctx.load_policy(t), ref_params)
+
+    @contextlib.contextmanager
+    def _timed(self, t: int, phase: str) -> Iterator[None]:
+        """A phase's wall time as a "time" record. Written once the phase is done, and kept on
+        resume (a done phase is not redone), so each phase of a run has one record."""
+        start = time.perf_counter()
+        yield
+        seconds = round(time.perf_counter() - start, 3)
+        self.ctx.metrics.write("time", t, {f"{phase}_s": seconds}, iteration=t)
 
     # -- resume bookkeeping ------------------------------------------------------------------
     def _truncate_metrics(self, t: int) -> None:
@@ -164,6 +185,8 @@ class Run:
         )
 
         def keep(rec: dict[str, Any]) -> bool:
+            if rec.get("kind") == "time":  # phase wall times: a done phase is not redone
+                return True
             it = rec.get("iteration", 0)
             if it != t:
                 return it < t
@@ -192,10 +215,14 @@ class Run:
                 write_json(ctx.out / "config.json", ctx.cfg.model_dump(mode="json"))
             ctx.write_json(ctx.out / STATE, {"config_digest": digest, "completed_iterations": -1})
         ctx.metrics = MetricsWriter(ctx.out, tensorboard=ctx.cfg.run.tensorboard)
+        done = self._completed()
+        state = "a new run" if done < 0 else f"resuming after iteration {done}"
+        for line in [f"run: {ctx.out} ({state})", *ctx.describe()]:
+            ctx.log(line)
         try:
             with SigtermFlag() as flag:
                 ctx.stop = lambda: flag.raised
-                yield self._completed()
+                yield done
         except Preempted:
             self.preempted = True
             ctx.log(f"SIGTERM: state saved in {ctx.out}; run the same command to resume")
@@ -209,7 +236,7 @@ class Run:
         records = ctx.metrics.read("iteration")
         if plot and is_primary():
             plot_iterations(records, ctx.out / "metrics.png")
-        ctx.log(format_table(records))
+        ctx.log(format_table(records, phase_times(ctx.metrics.read("time"))))
         if plot:
             ctx.log(f"metrics: {ctx.metrics.path}  plot: {ctx.out / 'metrics.png'}")
         return 0

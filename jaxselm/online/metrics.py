@@ -144,14 +144,38 @@ TABLE_COLUMNS = [
 ]
 
 
-def format_table(records: list[dict[str, Any]]) -> str:
-    """The per-iteration table of ``records`` (the metrics file's "iteration" records)."""
-    head = " | ".join(name for name, _, _ in TABLE_COLUMNS)
+def phase_times(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """{iteration: {phase: seconds}} from the metrics file's "time" records."""
+    out: dict[int, dict[str, float]] = {}
+    for r in records:
+        phases = {k.removesuffix("_s"): v for k, v in r.items() if k.endswith("_s")}
+        out.setdefault(int(r["iteration"]), {}).update(phases)
+    return out
+
+
+def format_table(
+    records: list[dict[str, Any]], times: dict[int, dict[str, float]] | None = None
+) -> str:
+    """The per-iteration table of ``records`` (the metrics file's "iteration" records), with the
+    iteration's wall time and its largest phases when ``times`` (:func:`phase_times`) is given."""
+    columns = TABLE_COLUMNS + ([("time", "time", "{:>7.1f}")] if times else [])
+    head = " | ".join(name for name, _, _ in columns)
     lines = [head, "-" * len(head)]
     for r in sorted(records, key=lambda r: r["iteration"]):
+        if times:
+            r = {**r, "time": sum(times.get(r["iteration"], {}).values()) or None}
         cells = []
-        for name, key, fmt in TABLE_COLUMNS:
+        for name, key, fmt in columns:
             v = r.get(key)
             cells.append(fmt.format(v).rjust(len(name)) if v is not None else "-".rjust(len(name)))
         lines.append(" | ".join(cells))
+    if times:
+        lines.append(
+            "time: seconds of this process per iteration; by phase: "
+            + "; ".join(
+                f"{t}: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in sorted(p.items(), key=lambda x: -x[1]))
+                for t, p in sorted(times.items())
+            )
+        )
     return "\n".join(lines)

@@ -33,14 +33,14 @@ from jaxselm.data.packing import (
     take_rows,
 )
 from jaxselm.errors import DataError
-from jaxselm.feedback import build_pairs
+from jaxselm.feedback import build_pairs, score_samples
 from jaxselm.files import read_arrays, read_json, write_json
 from jaxselm.metric_names import samples_name
 from jaxselm.model import init_params
 from jaxselm.online.context import RunContext
 from jaxselm.online.metrics import distinct_n
 from jaxselm.online.pairs import PairSet, pair_to_json
-from jaxselm.online.prompts import text_of
+from jaxselm.online.prompts import count_long, text_of
 from jaxselm.online.rollout import Generation, rollout, share_records, shared_records
 from jaxselm.parallel.multihost import (
     barrier,
@@ -56,6 +56,7 @@ from jaxselm.train.driver import TrainLoop, progress
 from jaxselm.train.step import responses_for
 
 GENERATE, JUDGE, REFERENCE = "generate.safetensors", "judge.json", "reference.safetensors"
+REFRESP = "refresp.safetensors"  # greedy y_ref responses (online.refresp: greedy)
 JUDGE_CHUNK = 256  # responses per judge call (whole prompts: a pairwise judge ranks them together)
 
 
@@ -114,25 +115,48 @@ def sft(ctx: RunContext, params: Any) -> Any:
 
 
 def generate(ctx: RunContext, t: int, params: Any) -> Generation:
-    """``online.samples_per_prompt`` responses of the policy to each prompt of iteration t."""
+    """``online.samples_per_prompt`` responses of the policy to each prompt of iteration t, and,
+    when y_ref is the greedy response (``online.refresp: greedy``) and the samples are not
+    greedy themselves, one greedy response per prompt (refresp.safetensors)."""
     o = ctx.cfg.online
     d = ctx.iter_dir(t)
+    key = jax.random.fold_in(jax.random.fold_in(ctx.key, t), 1)
     gen, recs = rollout(
         ctx,
         params,
         ctx.prompts.iteration_size(t),
         lambda pos: ctx.prompts.iteration(t, pos),
-        key=jax.random.fold_in(jax.random.fold_in(ctx.key, t), 1),
+        key=key,
         n=o.samples_per_prompt,
         greedy=o.greedy,
         temperature=o.temperature,
         desc=f"iter {t} generate",
         preemptible=True,
     )
+    if greedy_refresp(ctx):
+        ref, _ = rollout(
+            ctx,
+            params,
+            len(gen.lengths),
+            lambda pos: [recs[int(i)] for i in pos],
+            key=jax.random.fold_in(key, 1),
+            n=1,
+            greedy=True,
+            temperature=1.0,
+            desc=f"iter {t} y_ref (greedy)",
+            preemptible=True,
+        )
+        ref.save(d / REFRESP, ctx)
     share_records(d / "prompts", recs)  # before generate.safetensors: resume reads both
     fault_point(f"iter{t}/generate")
     gen.save(d / GENERATE, ctx)
     return gen
+
+
+def greedy_refresp(ctx: RunContext) -> bool:
+    """Whether y_ref is a greedy response generated apart from the samples."""
+    o = ctx.cfg.online
+    return o.refresp == "greedy" and not o.greedy
 
 
 def judge(ctx: RunContext, t: int, gen: Generation) -> None:
@@ -146,45 +170,59 @@ def judge(ctx: RunContext, t: int, gen: Generation) -> None:
 
 
 def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -> dict[str, Any]:
+    """The judge ranks all candidates of a prompt in ONE call (its samples, and with
+    ``online.include_dataset_responses`` the dataset's chosen and rejected responses): a pairwise
+    judge compares within a call, and scores of one call are on one scale. Whole prompts are
+    sent ``JUDGE_CHUNK`` responses at a time; prompts skipped as too long are not judged."""
     o, judge = ctx.cfg.online, ctx.judge
     p, n = gen.lengths.shape
     responses = gen.responses()
     texts = [ctx.text(r) for r in responses]
-    prompts = [r["prompt"] for r in recs for _ in range(n)]
+    use_ds = o.include_dataset_responses and any("chosen" in r for r in recs)
+    scores = np.full((p, n), np.nan)
+    ds_scores = np.full((p, 2), np.nan) if use_ds else None
+    judged = [i for i, r in enumerate(recs) if not r.get("skipped")]
+    per_call = max(1, JUDGE_CHUNK // (n + 2 * use_ds))
     judge.reset_stats()
-    scores = np.full(p * n, np.nan)
-    chunk = n * max(1, JUDGE_CHUNK // n)
     for s in progress(
-        range(0, p * n, chunk),
-        total=math.ceil(p * n / chunk),
+        range(0, len(judged), per_call),
+        total=math.ceil(len(judged) / per_call),
         desc=f"iter {t} judge",
         enabled=ctx.cfg.run.progress,
     ):
-        scores[s : s + chunk] = judge.score(prompts[s : s + chunk], texts[s : s + chunk])
+        rows = judged[s : s + per_call]
+        got, ds = score_samples(
+            judge,
+            [recs[i]["prompt"] for i in rows],
+            [texts[i * n : (i + 1) * n] for i in rows],
+            dataset_chosen=[_text_or_none(recs[i].get("chosen")) for i in rows] if use_ds else None,
+            dataset_rejected=(
+                [_text_or_none(recs[i].get("rejected")) for i in rows] if use_ds else None
+            ),
+        )
+        scores[rows] = np.stack(got)
+        if use_ds:
+            ds_scores[rows] = ds
     fault_point(f"iter{t}/judge")
-    scores = scores.reshape(p, n)
-    ds_chosen = ds_rejected = ds_scores = None
-    if o.include_dataset_responses and recs and "chosen" in recs[0]:
-        ds_chosen = [str(r.get("chosen") or "") for r in recs]
-        ds_rejected = [str(r.get("rejected") or "") for r in recs]
-        ds = judge.score([r["prompt"] for r in recs] * 2, ds_chosen + ds_rejected)
-        ds_scores = np.stack([ds[:p], ds[p:]], axis=1)
     eos = gen.finish == 0
+    refs = [p * n + i for i in range(p)] if greedy_refresp(ctx) else None  # refresp.safetensors
     pairs, stats = build_pairs(
         [r["prompt"] for r in recs],
         [[i * n + j for j in range(n)] for i in range(p)],
         scores,
-        dataset_chosen=ds_chosen,
-        dataset_rejected=ds_rejected,
+        dataset_chosen=[_text_or_none(r.get("chosen")) for r in recs] if use_ds else None,
+        dataset_rejected=[_text_or_none(r.get("rejected")) for r in recs] if use_ds else None,
         dataset_scores=ds_scores,
         min_margin=o.min_margin,
         no_eos_penalty=o.no_eos_penalty,
         eos_flags=eos,
-        refresp_choice=o.refresp,
+        refresp_choice="random" if o.refresp == "random" else "first",
         rng=ctx.rng(t, 0xFA1),
+        refs=refs,
     )
     stats = {
         **stats,
+        **count_long(recs),
         "distinct_1": distinct_n(responses, 1),
         "distinct_2": distinct_n(responses, 2),
         "sample_length": float(np.mean(gen.lengths)),
@@ -198,24 +236,33 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
     }
 
 
+def _text_or_none(x: Any) -> str | None:
+    return text_of(x) if x else None
+
+
 def judge_stats(ctx: RunContext, t: int) -> dict[str, float]:
     """Iteration t's generation and judging statistics, named for the iteration record."""
     stats = read_json(ctx.iter_dir(t) / JUDGE)["stats"]
     return {samples_name(k): v for k, v in stats.items() if isinstance(v, (int, float))}
 
 
-def offline_pairs(ctx: RunContext, t: int, ref_params: Any) -> None:
-    """Offline training's data: y_ref = the start policy's greedy response to every training
-    row (each host generates for the rows its devices hold), and judge.json's pairs = the rows'
-    own (chosen, rejected), written by process 0 from the records the hosts shared."""
+def offline_pairs(ctx: RunContext, t: int, ref_params: Any, *, whole_file: bool) -> None:
+    """Offline training data for iteration t: the dataset's own (chosen, rejected) pairs of its
+    rows (every training row with ``whole_file``, else iteration t's slice), written by process 0
+    as judge.json; and y_ref = pi_ref's greedy response to each row (each host generates for the
+    rows its devices hold)."""
     d = ctx.iter_dir(t)
-    n = ctx.prompts.training_size()
+    prompts = ctx.prompts
+    if whole_file:
+        n, fetch = prompts.training_size(), prompts.training_rows
+    else:
+        n, fetch = prompts.iteration_size(t), lambda pos: prompts.iteration(t, pos)
     if not (d / GENERATE).exists():
         gen, recs = rollout(
             ctx,
             ref_params,
             n,
-            ctx.prompts.training_rows,
+            fetch,
             key=jax.random.fold_in(ctx.key, 11),
             n=1,
             greedy=True,
@@ -238,9 +285,10 @@ def offline_pairs(ctx: RunContext, t: int, ref_params: Any) -> None:
                     "rejected_score": 0.0,
                 }
                 for i, r in enumerate(recs)
-                if r.get("chosen") and r.get("rejected")
+                if r.get("chosen") and r.get("rejected") and not r.get("skipped")
             ]
-            write_json(d / JUDGE, {"pairs": pairs, "stats": {"n_pairs": len(pairs)}})
+            stats = {"n_pairs": len(pairs), "offline": 1, **count_long(recs)}
+            write_json(d / JUDGE, {"pairs": pairs, "stats": stats})
         barrier(f"write {d / JUDGE}")
     if not read_json(d / JUDGE)["pairs"]:
         raise DataError(f"{ctx.cfg.data.prompts_path}: no rows with both chosen and rejected")
@@ -248,14 +296,13 @@ def offline_pairs(ctx: RunContext, t: int, ref_params: Any) -> None:
 
 def load_pairs(ctx: RunContext, t: int) -> PairSet:
     """Iteration t's pairs (judge.json) over its generated token ids (generate.safetensors)."""
-    gen = Generation.load(ctx.iter_dir(t) / GENERATE)
-    return PairSet(
-        read_json(ctx.iter_dir(t) / JUDGE)["pairs"],
-        gen.prompt_ids(),
-        gen.responses(),
-        ctx.prompts.encode_response,
-        ctx.pad_id,
-    )
+    d = ctx.iter_dir(t)
+    gen = Generation.load(d / GENERATE)
+    samples = gen.responses()
+    if (d / REFRESP).exists():  # greedy y_ref, referenced after the samples
+        samples += Generation.load(d / REFRESP).responses()
+    pairs = read_json(d / JUDGE)["pairs"]
+    return PairSet(pairs, gen.prompt_ids(), samples, ctx.prompts.encode_response, ctx.pad_id)
 
 
 def sequence_logprobs(

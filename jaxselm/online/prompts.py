@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,26 @@ from jaxselm.online.config import RunConfig
 
 
 def build_tokenizer(cfg: RunConfig) -> Tokenizer:
-    spec = cfg.data.tokenizer
+    """``data.tokenizer``; else the tokenizer of ``init.checkpoint`` (an HF directory with
+    tokenizer files, a GGUF file); else the synthetic task's word tokenizer."""
+    spec = cfg.data.tokenizer or checkpoint_tokenizer(cfg.init.checkpoint)
     if spec is None:
         if cfg.data.source != "task":
             raise ConfigError("data.tokenizer: required when data.source is 'prompts'")
         return make_task(cfg.data.task, **cfg.data.task_settings).tokenizer()
     return load_tokenizer(spec)
+
+
+def checkpoint_tokenizer(path: str | None) -> str | None:
+    """``path`` when that checkpoint carries a tokenizer, else None."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return path
+    if p.is_dir() and any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return path
+    return None
 
 
 def text_of(messages_or_text: Any) -> str:
@@ -97,19 +112,28 @@ class PromptSet:
 
     # -- encoding ------------------------------------------------------------------------------
     def encode_prompt(self, rec: dict[str, Any]) -> list[int]:
+        """Token ids of a prompt record: its ``messages`` through the tokenizer's chat template
+        (when it has one and ``data.chat_template``), else its ``prompt`` text. A prompt longer
+        than ``data.max_prompt_tokens`` is handled per ``data.long_prompts``: its last tokens are
+        kept and ``rec["truncated"]`` is set, or ``rec["skipped"]`` is set (the prompt takes no
+        part in the run), or it is an error."""
         tok = self.tok
-        if self.task is not None or not self.cfg.data.chat_template or tok.chat_template is None:
-            ids = tok.encode(rec["prompt"], add_bos=tok.bos_id is not None)
+        if "messages" in rec and self.cfg.data.chat_template and tok.chat_template is not None:
+            ids = tok.encode(tok.apply_chat_template(rec["messages"], add_generation_prompt=True))
         else:
-            text = tok.apply_chat_template(rec["messages"], add_generation_prompt=True)
-            ids = tok.encode(text)
-        limit = self.cfg.data.max_prompt_tokens
-        if len(ids) > limit:
-            raise DataError(
-                f"prompt {rec['id']}: {len(ids)} tokens exceed data.max_prompt_tokens={limit}"
-            )
+            ids = tok.encode(rec["prompt"], add_bos=tok.bos_id is not None)
         if not ids:
             raise DataError(f"prompt {rec['id']}: encodes to no tokens")
+        limit = self.cfg.data.max_prompt_tokens
+        if len(ids) > limit:
+            policy = self.cfg.data.long_prompts
+            if policy == "error":
+                raise DataError(
+                    f"prompt {rec['id']}: {len(ids)} tokens exceed data.max_prompt_tokens={limit} "
+                    "(data.long_prompts: error; 'truncate' keeps the last tokens)"
+                )
+            rec["truncated" if policy == "truncate" else "skipped"] = True
+            ids = ids[-limit:]  # left truncation; a skipped prompt only keeps the batch shapes
         return ids
 
     def encode_response(self, text: str) -> list[int]:
@@ -179,6 +203,27 @@ class PromptSet:
     def evaluation_size(self) -> int:
         n = self.cfg.online.num_eval_prompts or self.cfg.data.num_eval_prompts
         return n if self.task is not None else min(n, self._n_eval)
+
+    def describe(self) -> str:
+        """One line: where the prompts come from, and the evaluation set's size and why."""
+        o, data = self.cfg.online, self.cfg.data
+        asked = o.num_eval_prompts or data.num_eval_prompts
+        if self.task is not None:
+            where = f"task {data.task}"
+        else:
+            where = f"{data.prompts_path} ({self._n_train} training rows)"
+        got = self.evaluation_size()
+        why = ""
+        if got < asked:
+            why = (
+                f" (of {asked} asked: {data.eval_prompts_path} has {self._n_eval} rows)"
+                if data.eval_prompts_path
+                else f" (of {asked} asked: at most 10% of the file is held out)"
+            )
+        return (
+            f"prompts: {where}; {o.prompts_per_iteration} per iteration, evaluation on {got}{why}; "
+            f"longer than {data.max_prompt_tokens} tokens: {data.long_prompts}"
+        )
 
     def evaluation(self, positions: Any = None) -> list[dict[str, Any]]:
         """The fixed held-out prompts: all, or those at ``positions``."""
@@ -267,3 +312,11 @@ def _prompt_source(cfg: RunConfig, work_dir: Path, path: str, tag: str):
         raise DataError(f"data.{tag}: preparing {path} failed on process 0 (its error says why)")
     barrier(f"prepared {data_dir}")
     return PromptSource(prepare_prompts({"files": [os.fspath(p)]}, data_dir))
+
+
+def count_long(recs: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many records were truncated / skipped as longer than data.max_prompt_tokens."""
+    return {
+        "truncated_prompts": sum(bool(r.get("truncated")) for r in recs),
+        "skipped_prompts": sum(bool(r.get("skipped")) for r in recs),
+    }

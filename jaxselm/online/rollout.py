@@ -142,7 +142,7 @@ def rollout(
 def share_records(folder: Path, recs: dict[int, Record]) -> None:
     """Each process writes the prompt records it read (what the judge needs) to
     ``folder/part-<process>.json``; process 0 merges them with :func:`shared_records`."""
-    keep = ("id", "prompt", "chosen", "rejected")
+    keep = ("id", "prompt", "chosen", "rejected", "truncated", "skipped")
     write_json(
         folder / f"part-{jax.process_index():05d}.json",
         [

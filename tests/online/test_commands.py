@@ -119,7 +119,6 @@ def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
     (tmp_path / "prefs_judge.py").write_text(
         "def score(prompt, response):\n    return min(len(response), 10) / 10\n"
     )
-    monkeypatch.syspath_prepend(str(tmp_path))
     prefs = tmp_path / "prefs.jsonl"
     rows = []
     for i in range(12):
