@@ -3,6 +3,7 @@
     from jaxselm.checkpoints import load_checkpoint
     cfg, params = load_checkpoint("runs/demo/policy/iter_03")            # a jaxselm params export
     cfg, params = load_checkpoint("/ckpt/Meta-Llama-3-8B-Instruct", mesh=mesh)   # an HF directory
+    cfg, params = load_checkpoint("SmolLM2-135M-Instruct.Q4_1.gguf")              # a GGUF file
 
 Kinds, recognised from the files (:func:`checkpoint_kind`):
 
@@ -10,7 +11,9 @@ Kinds, recognised from the files (:func:`checkpoint_kind`):
   LlamaForSequenceClassification reward model), read by :func:`jaxselm.hf.load_hf_checkpoint`;
 * ``export``: a jaxselm params export (orbax; ``policy/iter_NN`` of a run, ``jaxselm convert``,
   ``jaxselm train-rm``), which carries its model config in its metadata
-  (:func:`jaxselm.train.save_params`); an export written without one needs ``model_config``.
+  (:func:`jaxselm.train.save_params`); an export written without one needs ``model_config``;
+* ``gguf``: a ``.gguf`` file (llama.cpp / ollama; a llama, quantized or not), dequantized by
+  :func:`jaxselm.hf.load_gguf_checkpoint`.
 
 ``model_config``, when given, is what the caller expects (the run config's model section): a
 checkpoint that describes another network is refused with a one-line error naming the first key
@@ -31,15 +34,17 @@ from jaxselm.errors import CheckpointError
 from jaxselm.hf import (
     hf_architecture,
     hf_config_to_model_config,
+    load_gguf_checkpoint,
     load_hf_checkpoint,
+    read_gguf_model_config,
     read_hf_config,
 )
 from jaxselm.model import ModelConfig, abstract_params
 from jaxselm.model.config import RUNTIME_FIELDS
-from jaxselm.train.checkpoint import export_metadata, load_params
+from jaxselm.train.checkpoint import export_metadata, export_tokenizer, load_params
 from jaxselm.train.state import params_shardings_for
 
-Kind = Literal["hf", "export"]
+Kind = Literal["hf", "export", "gguf"]
 Head = Literal["lm", "reward"]
 
 
@@ -49,7 +54,9 @@ def checkpoint_kind(path: str | os.PathLike) -> Kind:
     if not p.exists():
         raise CheckpointError(f"{p}: not found")
     if p.is_file():
-        raise CheckpointError(f"{p}: is a file; expected a checkpoint directory")
+        if p.suffix.lower() == ".gguf":
+            return "gguf"
+        raise CheckpointError(f"{p}: is a file; expected a checkpoint directory or a .gguf file")
     if (p / "config.json").is_file():
         return "hf"
     if (p / "_CHECKPOINT_METADATA").is_file() or (p / "_METADATA").is_file():
@@ -83,7 +90,7 @@ def load_checkpoint(
     model_config: ModelConfig | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[ModelConfig, Any]:
-    """``(ModelConfig, params)`` of an HF directory or a jaxselm params export.
+    """``(ModelConfig, params)`` of an HF directory, a jaxselm params export or a GGUF file.
 
     head: "lm" or "reward" (refused if the checkpoint has the other), or None for whichever it
         has (an HF CausalLM or SequenceClassification; an export says which).
@@ -94,6 +101,8 @@ def load_checkpoint(
     if kind == "hf":
         cfg = read_model_config(path)
         found_head = hf_architecture(read_hf_config(path), source=f"{where}/config.json")[1]
+    elif kind == "gguf":
+        cfg, found_head = read_gguf_model_config(path), "lm"
     else:
         meta = export_metadata(path)
         if meta is None and model_config is None:
@@ -118,13 +127,38 @@ def load_checkpoint(
             path, head=found_head, dtype=dtype, shardings=shardings
         )
         return (cfg_loaded if model_config is None else cfg), params
+    if kind == "gguf":
+        dtype = None if model_config is None else cfg.param_dtype
+        cfg_loaded, params = load_gguf_checkpoint(path, dtype=dtype, shardings=shardings)
+        return (cfg_loaded if model_config is None else cfg), params
     return cfg, load_params(path, abstract_params(cfg, head=found_head, shardings=shardings))
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig | None:
     """The model config a checkpoint describes, without reading its weights (None: an export
     saved without one)."""
-    if checkpoint_kind(path) == "hf":
+    kind = checkpoint_kind(path)
+    if kind == "hf":
         return hf_config_to_model_config(read_hf_config(path), source=f"{path}/config.json")
+    if kind == "gguf":
+        return read_gguf_model_config(path)
     meta = export_metadata(path)
     return None if meta is None else meta[0]
+
+
+def checkpoint_tokenizer(path: str | os.PathLike | None) -> str | None:
+    """Where the tokenizer of a checkpoint is, when it has one: an HF directory with tokenizer
+    files, a GGUF file, or the tokenizer a params export recorded (if it still exists)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return os.fspath(p)
+    if not p.is_dir():
+        return None
+    if any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return os.fspath(p)
+    if checkpoint_kind(p) == "export":
+        recorded = export_tokenizer(p)
+        return recorded if recorded and os.path.exists(recorded) else None
+    return None

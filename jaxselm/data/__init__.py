@@ -44,7 +44,12 @@ from jaxselm.data.packing import (
     pad_batch,
 )
 from jaxselm.data.tasks import Task, make_demonstrations, make_task, score, task_tokenizer
-from jaxselm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, load_tokenizer
+from jaxselm.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    load_gguf_tokenizer,
+    load_tokenizer,
+)
 from jaxselm.data.tokenizer_base import ByteTokenizer, Tokenizer, WordTokenizer
 
 _LAZY = {
@@ -77,6 +82,7 @@ __all__ = [
     "bucket_length",
     "iteration_indices",
     "iteration_slice",
+    "load_gguf_tokenizer",
     "load_tokenizer",
     "make_demonstrations",
     "make_task",

@@ -11,8 +11,17 @@ file-free built-ins :class:`~jaxselm.data.tokenizer_base.ByteTokenizer` and
 * :class:`SentencePieceTokenizer`: a SentencePiece ``.model`` (MAP-Neo's and Llama-2's format);
   special-token strings inside the text (e.g. ``<s>`` written by a chat template) map to their
   ids, the rest goes through SentencePiece.
+* a ``.gguf`` file's tokenizer (:func:`load_gguf_tokenizer`): an :class:`HFTokenizer` over the
+  ``tokenizers.Tokenizer`` that :mod:`jaxselm.data.tokenizer_gguf` builds from its metadata.
 
 :func:`load_tokenizer` also gives the built-ins (``builtin:bytes``, ``builtin:task:NAME``).
+``save(directory)`` writes a file tokenizer in the Hugging Face layout (``tokenizer.json`` or a
+copy of the ``.model``, ``tokenizer_config.json``, ``special_tokens_map.json``) that
+``transformers.AutoTokenizer.from_pretrained`` loads:
+
+    tok = load_tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok.save("out/hf-model")          # beside config.json and the safetensors
+
 Missing or malformed files raise :class:`~jaxselm.errors.TokenizerError` naming the file.
 """
 
@@ -28,7 +37,15 @@ from typing import Any
 from jaxselm.data.chat_template import one_line
 from jaxselm.data.tasks import task_tokenizer
 from jaxselm.data.tokenizer_base import ByteTokenizer, Tokenizer
+from jaxselm.data.tokenizer_gguf import (
+    GGUFVocab,
+    build_backend,
+    read_gguf_vocab,
+    vocab_from_backend,
+    vocab_from_sentencepiece,
+)
 from jaxselm.errors import TokenizerError
+from jaxselm.files import atomic_write, write_text
 
 # The names transformers exposes to chat templates (its ``special_tokens_map``).
 _SPECIAL_NAMES = (
@@ -82,6 +99,8 @@ class _TokenizerConfig:
         self.added: dict[int, str] = {}
         self.chat_template: str | None = None
         self.template_source: str | None = None
+        self.add_bos_token: bool | None = None
+        self.model_max_length: int | None = None
         if directory is None:
             return
         cfg_path = directory / "tokenizer_config.json"
@@ -91,6 +110,10 @@ class _TokenizerConfig:
             if not isinstance(cfg, Mapping):
                 raise TokenizerError(f"{cfg_path}: expected a JSON object")
             self.path = cfg_path
+        for key, kind in (("add_bos_token", bool), ("model_max_length", int)):
+            value = cfg.get(key)
+            if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+                setattr(self, key, value)
         for name in _SPECIAL_NAMES:
             content = _token_content(cfg.get(name), cfg_path, name)
             if content is not None:
@@ -155,8 +178,25 @@ class _FileTokenizer(Tokenizer):
     def chat_template(self) -> str | None:
         return self._config.chat_template
 
+    @property
+    def special_token_ids(self) -> dict[str, int]:
+        """Ids of the named special tokens, e.g. {"bos_token": 1, "eos_token": 2}."""
+        return dict(self._ids)
+
     def _template_source(self) -> str:
         return self._config.template_source or self.source
+
+    def _save_config(self, directory: Path, tokenizer_class: str) -> None:
+        """``tokenizer_config.json`` and ``special_tokens_map.json`` as transformers has them."""
+        specials = self.special_tokens
+        config: dict[str, Any] = {"tokenizer_class": tokenizer_class, **specials}
+        config |= {"add_bos_token": self.add_bos_token, "add_eos_token": False}
+        optional = {"model_max_length": self._config.model_max_length}
+        optional |= {"chat_template": self.chat_template}
+        config |= {"clean_up_tokenization_spaces": False}
+        config |= {k: v for k, v in optional.items() if v is not None}
+        for name, obj in (("tokenizer_config.json", config), ("special_tokens_map.json", specials)):
+            write_text(directory / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,28 +205,88 @@ class _FileTokenizer(Tokenizer):
 
 
 class HFTokenizer(_FileTokenizer):
-    """A ``tokenizer.json`` read with the ``tokenizers`` library, plus ``tokenizer_config.json``."""
+    """A ``tokenizers.Tokenizer``: read from a ``tokenizer.json`` with ``tokenizer_config.json``
+    beside it, or built in memory (:meth:`from_backend`, e.g. from a GGUF file's metadata)."""
 
     def __init__(self, path: str | os.PathLike):
         import tokenizers  # imported here: only this implementation needs it
 
         path = Path(path)
-        self.source = str(path)
         data = _read_json(path)  # a clear error for a missing or non-JSON file
         try:
-            self._tok = tokenizers.Tokenizer.from_str(json.dumps(data))
+            backend = tokenizers.Tokenizer.from_str(json.dumps(data))
         except Exception as e:  # the library raises plain Exception subclasses
             raise TokenizerError(f"{path}: not a valid tokenizer.json: {one_line(e)}") from None
-        self._config = _TokenizerConfig(path.parent)
+        self._setup(backend, _TokenizerConfig(path.parent), str(path))
+
+    @classmethod
+    def from_backend(
+        cls,
+        backend: Any,
+        *,
+        source: str,
+        special_tokens: Mapping[str, str | int],
+        chat_template: str | None = None,
+        add_bos_token: bool | None = None,
+    ) -> HFTokenizer:
+        """A tokenizer over a ``tokenizers.Tokenizer`` object, with its named special tokens
+        (``{"bos_token": "<s>" or its id, ...}``) and chat template; ``source`` (a path) names it
+        in messages."""
+        config = _TokenizerConfig(None)
+        ids = {k: v for k, v in special_tokens.items() if isinstance(v, int)}
+        for name, tid in special_tokens.items():
+            content = backend.id_to_token(tid) if name in ids else tid
+            if content is None:
+                raise TokenizerError(f"{source}: {name} id {tid} is not in the vocabulary")
+            config.tokens[name] = content
+        config.chat_template, config.template_source = chat_template, source
+        config.add_bos_token, tok = add_bos_token, cls.__new__(cls)
+        tok._setup(backend, config, source)
+        tok._ids |= ids  # the ids as given, even where a token string occurs twice
+        return tok
+
+    def _setup(self, backend: Any, config: _TokenizerConfig, source: str) -> None:
+        self.source = source
+        self._tok = backend
+        self._config = config
         self._ids: dict[str, int] = {}
-        for name, content in self._config.tokens.items():
-            tid = self._tok.token_to_id(content)
+        for name, content in config.tokens.items():
+            tid = backend.token_to_id(content)
             if tid is None:
                 raise TokenizerError(
-                    f"{self._config.path}: field '{name}' is {content!r}, which is "
-                    f"not in the vocabulary of {path}"
+                    f"{config.path or source}: field '{name}' is {content!r}, which is "
+                    f"not in the vocabulary of {source}"
                 )
             self._ids[name] = tid
+
+    @property
+    def backend(self) -> Any:
+        """The underlying ``tokenizers.Tokenizer``."""
+        return self._tok
+
+    @property
+    def add_bos_token(self) -> bool:
+        if self._config.add_bos_token is not None:
+            return self._config.add_bos_token
+        ids = self._tok.encode("a", add_special_tokens=True).ids  # the post-processor's choice
+        return self.bos_id is not None and ids[:1] == [self.bos_id]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``."""
+        d = Path(directory)
+        write_text(d / "tokenizer.json", self._tok.to_str())
+        self._save_config(d, "PreTrainedTokenizerFast")
+        return d
+
+    def gguf_vocab(self) -> GGUFVocab:
+        """The ``tokenizer.ggml.*`` metadata a GGUF export writes for this tokenizer."""
+        return vocab_from_backend(
+            self._tok,
+            special_ids=self._ids,
+            chat_template=self.chat_template,
+            add_bos=self.add_bos_token,
+            where=self.source,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -278,6 +378,27 @@ class SentencePieceTokenizer(_FileTokenizer):
     def special_tokens(self) -> dict[str, str]:
         return dict(self._names)
 
+    @property
+    def add_bos_token(self) -> bool:
+        add = self._config.add_bos_token
+        return add if add is not None else self.bos_id is not None  # transformers' default
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """A copy of the ``.model`` file as ``tokenizer.model`` and the config files."""
+        d = Path(directory)
+        atomic_write(d / "tokenizer.model", self._sp.serialized_model_proto())
+        self._save_config(d, "LlamaTokenizer")
+        return d
+
+    def gguf_vocab(self) -> GGUFVocab:
+        """The ``tokenizer.ggml.*`` metadata (model ``llama``) a GGUF export writes."""
+        return vocab_from_sentencepiece(
+            self._sp,
+            special_ids=self._ids,
+            chat_template=self.chat_template,
+            add_bos=self.add_bos_token,
+        )
+
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids: list[int] = []
         pos = 0
@@ -322,8 +443,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a tokenizer, choosing the implementation from the files present.
 
     ``path`` may be a directory (``tokenizer.json`` is preferred, then ``tokenizer.model``, then
-    a single ``*.model``), a ``.json`` or ``.model`` file, ``builtin:bytes``, or
-    ``builtin:task:NAME`` for a synthetic task's word tokenizer.
+    a single ``*.model``, then a single ``*.gguf``), a ``.json``, ``.model`` or ``.gguf`` file,
+    ``builtin:bytes``, or ``builtin:task:NAME`` for a synthetic task's word tokenizer.
     """
     spec = str(path)
     if spec == "builtin:bytes":
@@ -343,13 +464,34 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         models = sorted(p.glob("*.model"))
         if len(models) == 1:
             return SentencePieceTokenizer(models[0])
-        raise TokenizerError(f"{p}: no tokenizer.json or tokenizer.model found in the directory")
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return load_gguf_tokenizer(ggufs[0])
+        raise TokenizerError(
+            f"{p}: no tokenizer.json or tokenizer.model (or single .gguf) found in the directory"
+        )
     if not p.exists():
         raise TokenizerError(f"{p}: file not found")
     if p.suffix == ".json":
         return HFTokenizer(p)
     if p.suffix == ".model":
         return SentencePieceTokenizer(p)
+    if p.suffix == ".gguf":
+        return load_gguf_tokenizer(p)
     raise TokenizerError(
-        f"{p}: unknown tokenizer file type (expected tokenizer.json or a SentencePiece .model)"
+        f"{p}: unknown tokenizer file type (expected tokenizer.json, a SentencePiece .model "
+        "or a .gguf file)"
+    )
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
+    """The tokenizer a GGUF file's ``tokenizer.ggml.*`` metadata describes (see
+    :mod:`jaxselm.data.tokenizer_gguf`), with its special tokens and chat template."""
+    vocab = read_gguf_vocab(path)
+    return HFTokenizer.from_backend(
+        build_backend(vocab, str(path)),
+        source=str(path),
+        special_tokens=vocab.special_ids(),
+        chat_template=vocab.chat_template,
+        add_bos_token=vocab.add_bos,
     )

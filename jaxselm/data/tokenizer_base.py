@@ -16,7 +16,9 @@ are in :mod:`jaxselm.data.tokenizer`.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxselm.data.chat_template import render_chat_template
@@ -74,6 +76,17 @@ class Tokenizer(abc.ABC):
     def chat_template(self) -> str | None:
         """The Jinja chat template, or None."""
         return None
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether the model expects BOS before a plain text (HF ``add_bos_token``, GGUF
+        ``tokenizer.ggml.add_bos_token``); :meth:`encode` still adds it only when asked."""
+        return False
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Writes the tokenizer's files into ``directory`` in the Hugging Face layout
+        (``AutoTokenizer.from_pretrained(directory)`` loads them); returns the directory."""
+        raise TokenizerError(f"{self.source}: this tokenizer has no files to save")
 
     def apply_chat_template(
         self,

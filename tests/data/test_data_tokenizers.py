@@ -291,3 +291,54 @@ def test_real_world_templates_match_transformers(template, tmp_path, hf_dir):
     for add in (False, True):
         expected = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=add)
         assert ours.apply_chat_template(MESSAGES, add_generation_prompt=add) == expected
+
+
+def test_hf_save_loads_back_and_in_transformers(hf_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = tk.load_tokenizer(hf_dir)
+    assert tok.save(tmp_path / "out") == tmp_path / "out"
+    names = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == names
+    config = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == TEMPLATE and config["add_bos_token"] is False
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (
+        "<s>",
+        "</s>",
+        "<pad>",
+    )
+    again = tk.load_tokenizer(tmp_path / "out")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    for text in [*TEXTS, "<s>hi</s>", "  spaces  "]:
+        ids = tok.encode(text)
+        assert again.encode(text) == ids == theirs.encode(text, add_special_tokens=False)
+    for add in (False, True):
+        ours = tok.encode(tok.apply_chat_template(MESSAGES, add_generation_prompt=add))
+        assert again.encode(again.apply_chat_template(MESSAGES, add_generation_prompt=add)) == ours
+        ids = theirs.apply_chat_template(
+            MESSAGES, add_generation_prompt=add, tokenize=True, return_dict=False
+        )
+        assert list(ids) == ours
+
+
+def test_sentencepiece_save_copies_the_model(sp_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tok = tk.load_tokenizer(sp_dir)
+    tok.save(tmp_path)
+    names = {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in tmp_path.iterdir()} == names
+    assert (tmp_path / "tokenizer.model").read_bytes() == (sp_dir / "tokenizer.model").read_bytes()
+    again = tk.load_tokenizer(tmp_path)
+    assert again.special_token_ids == tok.special_token_ids and again.add_bos_token
+    for text in TEXTS:
+        assert again.encode(text, add_bos=True) == tok.encode(text, add_bos=True)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    expected = tok.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True) == (
+        expected
+    )
+
+
+def test_builtin_tokenizers_have_nothing_to_save(tmp_path):
+    with pytest.raises(TokenizerError, match="builtin:bytes: this tokenizer has no files"):
+        tk.load_tokenizer("builtin:bytes").save(tmp_path)
