@@ -6,7 +6,7 @@
     jaxselm train-rm --config FILE.yaml data.prompts_path=prefs.jsonl   Bradley-Terry reward model
     jaxselm generate --config FILE.yaml --checkpoint DIR --prompts FILE --output out.jsonl
     jaxselm eval     --config FILE.yaml --checkpoint A --baseline B [--alpaca-eval out.json]
-    jaxselm convert  --from hf --input HF_DIR --output PARAMS_DIR   (or --from jaxselm ... HF_DIR)
+    jaxselm convert  --input HF_DIR_OR.gguf --output PARAMS_DIR  (--to hf|gguf from an export)
     jaxselm --distributed online --config FILE.yaml   on every host of a TPU pod / SLURM job
 
 Every subcommand takes ``--config FILE.yaml`` plus ``key=value`` overrides (e.g.
@@ -117,21 +117,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "convert",
-        help="convert checkpoints between HF safetensors and jaxselm",
-        description="HF (config.json + safetensors) <-> jaxselm params export.",
+        help="convert checkpoints between HF, GGUF and jaxselm params exports",
+        description="Any model checkpoint (HF directory, .gguf file, jaxselm params export) to "
+        "another kind. HF and GGUF outputs carry the tokenizer and its chat template.",
     )
-    p.add_argument("--from", dest="src", choices=("hf", "jaxselm"), required=True)
-    p.add_argument("--input", required=True)
+    p.add_argument("--input", required=True, help="HF directory, .gguf file or params export")
     p.add_argument("--output", required=True)
+    p.add_argument(
+        "--to",
+        choices=("jaxselm", "hf", "gguf"),
+        default=None,
+        help="output kind (default: jaxselm for HF/GGUF input, hf for an export)",
+    )
+    p.add_argument(
+        "--from",
+        dest="src",
+        choices=("hf", "gguf", "jaxselm"),
+        default=None,
+        help="the input's kind (checked; it is recognised from the files)",
+    )
     p.add_argument(
         "--config",
         "-c",
         metavar="FILE.yaml",
-        help="a run config whose model section the checkpoint must match (needed only "
-        "for a params export saved without its model config)",
+        help="a run config whose model section the checkpoint must match (needed only for a "
+        "params export saved without its model config)",
     )
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    p.add_argument("--head", choices=("lm", "reward"), default="lm")
+    p.add_argument("--tokenizer", help="tokenizer to include (default: the input's own)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--head", choices=("lm", "reward"), default=None)
     p.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
@@ -199,7 +213,16 @@ def _cmd_convert(args) -> int:
     from jaxselm.online.commands import convert_command
 
     cfg = _load_run_config(args) if args.config is not None else None
-    return convert_command(args.src, args.input, args.output, cfg, dtype=args.dtype, head=args.head)
+    return convert_command(
+        args.input,
+        args.output,
+        to=args.to,
+        src=args.src,
+        cfg=cfg,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        head=args.head,
+    )
 
 
 _COMMANDS = {

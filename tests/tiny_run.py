@@ -3,6 +3,11 @@
 Two iterations of 8 prompts x 3 samples on a tiny CoPE model, with a judge whose scores rarely
 tie (a hash of the response), so every iteration has preference pairs even though the tiny model
 barely learns the task. Checkpoints every step, synchronously, so a kill lands between two.
+
+Adam's eps is 1e-3 (not 1e-8): its update lr * g / (sqrt(v) + eps) turns float noise on a
+vanishing gradient into a whole-lr step when eps is tiny, and the multi-process test compares
+weights computed with differently ordered (equally correct) sums; with eps 1e-3 such noise moves
+a weight by at most lr * noise / eps (tests/train/test_step.py makes the same choice).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ online:
   batch_size: {batch_size}
   learning_rates: 1.0e-3
   checkpoint_every: 1
-train: {{loss: selm, beta: 0.1, alpha: 1.0e-3}}
+train: {{loss: selm, beta: 0.1, alpha: 1.0e-3, optimizer: {{eps: 1.0e-3}}}}
 judge: {{kind: programmatic, function: "{judge}:score"}}
 mesh: {{data: -1}}
 """

@@ -172,6 +172,7 @@ def save_hf_checkpoint(
     pad_token_id: int | None = None,
     bos_token_id: int | None = None,
     eos_token_id: int | list[int] | None = None,
+    tokenizer: Any = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``params`` as an HF checkpoint directory that ``from_pretrained`` loads.
@@ -179,6 +180,10 @@ def save_hf_checkpoint(
     Shards ``model-0000i-of-0000n.safetensors`` of at most ``max_shard_size`` plus
     ``model.safetensors.index.json`` (a single ``model.safetensors`` when everything fits), and
     ``config.json`` (+ ``generation_config.json`` when token ids are given, for ``head="lm"``).
+    With a ``tokenizer`` (a jaxselm file tokenizer: HF, SentencePiece or GGUF-built) its files
+    (``tokenizer.json`` or ``tokenizer.model``, ``tokenizer_config.json`` with the chat template,
+    ``special_tokens_map.json``) go in too and the bos / eos / pad ids default to its own, so
+    ``AutoModelForCausalLM`` and ``AutoTokenizer`` both load the directory.
     dtype: dtype of the written tensors (default ``config.param_dtype``). Everything is written to
     a temporary directory beside ``path`` and renamed into place, so a failure leaves nothing
     half-written; an existing non-empty ``path`` is replaced only with ``overwrite=True``.
@@ -188,6 +193,10 @@ def save_hf_checkpoint(
     processes return once the directory is in place (``path`` on a filesystem all hosts share).
     """
     dest = Path(path)
+    if tokenizer is not None:
+        bos_token_id = tokenizer.bos_id if bos_token_id is None else bos_token_id
+        eos_token_id = tokenizer.eos_id if eos_token_id is None else eos_token_id
+        pad_token_id = tokenizer.pad_id if pad_token_id is None else pad_token_id
     hf = model_config_to_hf_config(
         config,
         head=head,
@@ -209,7 +218,7 @@ def save_hf_checkpoint(
     ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
     generation = {k: v for k, v in ids.items() if v is not None} if head == "lm" else {}
     if jax.process_count() == 1:
-        _write_checkpoint_dir(dest, hf, generation, names, produce, out_dtype, max_bytes)
+        _write_checkpoint_dir(dest, hf, generation, names, produce, out_dtype, max_bytes, tokenizer)
         return dest
     failed: BaseException | None = None
     done: list[str] = []
@@ -221,7 +230,9 @@ def save_hf_checkpoint(
 
     if is_primary():
         try:
-            _write_checkpoint_dir(dest, hf, generation, names, counted, out_dtype, max_bytes)
+            _write_checkpoint_dir(
+                dest, hf, generation, names, counted, out_dtype, max_bytes, tokenizer
+            )
         except BaseException as err:  # noqa: BLE001 - re-raised below, after the others know
             failed = err
     # Every process runs every gather in the writer's order (the others write nothing; a failed
@@ -245,9 +256,10 @@ def _write_checkpoint_dir(
     produce: Callable[[str], np.ndarray],
     out_dtype: str,
     max_bytes: int,
+    tokenizer: Any = None,
 ) -> None:
-    """Shards, index, config.json and (when not empty) generation_config.json, written to a
-    temporary directory beside ``dest`` and renamed into place."""
+    """Shards, index, config.json, (when not empty) generation_config.json and the tokenizer's
+    files, written to a temporary directory beside ``dest`` and renamed into place."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
@@ -270,6 +282,8 @@ def _write_checkpoint_dir(
         (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2) + "\n")
         if generation:
             (tmp / GENERATION_CONFIG_NAME).write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         if dest.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,12 @@ import jax
 import numpy as np
 
 from jaxselm import metric_names as M
-from jaxselm.checkpoints import load_checkpoint
+from jaxselm.checkpoints import checkpoint_kind, checkpoint_tokenizer, load_checkpoint
 from jaxselm.data.packing import PreferenceBatch, pack_sequences, sequence_length, take_rows
+from jaxselm.data.tokenizer import load_tokenizer
 from jaxselm.errors import ConfigError, DataError
 from jaxselm.files import write_text
-from jaxselm.hf import save_hf_checkpoint
+from jaxselm.hf import save_gguf_checkpoint, save_hf_checkpoint
 from jaxselm.model import ModelConfig, init_params
 from jaxselm.online.config import RunConfig
 from jaxselm.online.context import RunContext
@@ -211,21 +213,45 @@ def _reward_model_start(ctx: RunContext) -> Any:
 
 
 def convert_command(
-    src: str, inp: str, output: str, cfg: RunConfig | None, *, dtype: str | None, head: str
+    inp: str,
+    output: str,
+    *,
+    to: str | None = None,
+    src: str | None = None,
+    cfg: RunConfig | None = None,
+    tokenizer: str | None = None,
+    dtype: str | None = None,
+    head: str | None = None,
 ) -> int:
-    """HF directory -> params export (with its model config), or any checkpoint -> HF directory.
-    ``cfg`` (optional) is the run config whose model the checkpoint must be."""
+    """Any checkpoint (HF directory, GGUF file, params export) -> a params export (``to`` =
+    "jaxselm", the default for HF / GGUF input), an HF directory ("hf", the default for an
+    export) or a GGUF file ("gguf"). HF and GGUF outputs are complete models: with the
+    tokenizer (``tokenizer``, else the input's own, else the one an export recorded, else the run
+    config's) and its chat template and special ids. ``cfg``: a run config whose model the input
+    must be (needed only for an export saved without its model config)."""
+    kind = checkpoint_kind(inp)
+    if src is not None and src != {"export": "jaxselm"}.get(kind, kind):
+        raise ConfigError(f"--from: {inp} is a {kind} checkpoint, not {src}")
+    to = to or ("hf" if kind == "export" else "jaxselm")
     model: ModelConfig | None = cfg.model if cfg is not None else None
-    if src == "hf":
-        mcfg, params = load_checkpoint(inp, head=None, model_config=model)
+    mcfg, params = load_checkpoint(inp, head=head, model_config=model)
+    found = "reward" if "score" in params else "lm"
+    spec = tokenizer or checkpoint_tokenizer(inp)
+    if spec is None and cfg is not None:
+        spec = cfg.data.tokenizer or checkpoint_tokenizer(cfg.init.checkpoint)
+    if to == "jaxselm":
         if dtype is not None:
             params = jax.tree.map(lambda x: x.astype(dtype), params)
             mcfg = mcfg.replace(param_dtype=dtype, dtype=dtype)
-        found = "reward" if "score" in params else "lm"
-        save_params(output, params, model_config=mcfg, head=found)
+        path = None if spec is None or spec.startswith("builtin:") else os.path.abspath(spec)
+        save_params(output, params, model_config=mcfg, head=found, tokenizer=path)
         print(f"converted {inp} -> {output} ({mcfg.num_params(head=found):,} params)")
         return 0
-    mcfg, params = load_checkpoint(inp, head=head, model_config=model)
-    save_hf_checkpoint(mcfg, params, output, dtype=dtype, head=head)
-    print(f"converted {inp} -> {output} (HF {head} checkpoint)")
+    tok = load_tokenizer(spec) if spec is not None else None
+    if to == "hf":
+        save_hf_checkpoint(mcfg, params, output, dtype=dtype, head=found, tokenizer=tok)
+    else:
+        save_gguf_checkpoint(mcfg, params, output, dtype=dtype or "float32", tokenizer=tok)
+    note = "" if tok is not None else " (no tokenizer: give --tokenizer to include one)"
+    print(f"converted {inp} -> {output} ({to} {found} checkpoint){note}")
     return 0

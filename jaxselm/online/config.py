@@ -32,6 +32,7 @@ from jaxselm.config_base import (
 )
 from jaxselm.errors import ConfigError
 from jaxselm.feedback.config import JudgeConfig, ProgrammaticJudgeConfig, parse_judge_config
+from jaxselm.files import resolve_path
 from jaxselm.model import ModelConfig
 from jaxselm.model.config import RUNTIME_FIELDS
 from jaxselm.parallel.mesh import MeshConfig
@@ -51,16 +52,23 @@ class RunSection(FrozenConfig):
 class InitSection(FrozenConfig):
     _error_prefix: ClassVar[str] = "init"
 
-    # A params export written by jaxselm (policy/iter_N of a run, `jaxselm convert`), or a
-    # directory with an HF config.json + safetensors. None: random init (+ SFT warm start).
+    # A params export written by jaxselm (policy/iter_N of a run, `jaxselm convert`), a
+    # directory with an HF config.json + safetensors, or a .gguf file; ``pkg:<package>/<file>``
+    # names a file inside an installed package. None: random init (+ SFT warm start).
     checkpoint: str | None = None
 
     @field_validator("checkpoint")
     @classmethod
     def _exists(cls, v: str | None) -> str | None:
-        if v is not None and not os.path.exists(v):
+        if v is None:
+            return v
+        try:
+            path = resolve_path(v)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
+        if not os.path.exists(path):
             raise ValueError(f"not found: {v}")
-        return v
+        return path
 
 
 class DataSection(FrozenConfig):
@@ -202,6 +210,10 @@ class RunConfig(FrozenConfig):
         ):
             detail = "no preset and no model keys: give a preset, the keys, or an init.checkpoint"
             raise ConfigError(f"model: {detail}", path=("model",), detail=detail)
+        try:
+            path = resolve_path(path) if isinstance(path, str) else path
+        except FileNotFoundError:
+            return data  # init.checkpoint's own check reports it
         if not isinstance(path, str) or not os.path.exists(path) or not isinstance(given, dict):
             return data  # the sections' own checks report what is wrong
         found = read_model_config(path)

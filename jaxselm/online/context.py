@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxselm.checkpoints import load_checkpoint, read_model_config
+from jaxselm.checkpoints import checkpoint_tokenizer, load_checkpoint, read_model_config
 from jaxselm.data.tokenizer import Tokenizer
 from jaxselm.errors import CheckpointError, ConfigError
 from jaxselm.feedback import (
@@ -163,9 +164,24 @@ class RunContext:
             write_arrays(path, arrays)
         barrier(f"write {path}")
 
+    @property
+    def tokenizer_path(self) -> str | None:
+        """The tokenizer's files (absolute), when it has some (not a built-in one)."""
+        spec = self.cfg.data.tokenizer or checkpoint_tokenizer(self.cfg.init.checkpoint)
+        if spec is None or spec.startswith("builtin:"):
+            return None
+        return os.path.abspath(spec)
+
     def save_policy(self, t: int, params: Any) -> None:
-        """The policy after iteration t, with its model config (collective with several hosts)."""
-        save_params(self.policy_dir(t), params, model_config=self.model, overwrite=True)
+        """The policy after iteration t, with its model config and where its tokenizer is
+        (collective with several hosts)."""
+        save_params(
+            self.policy_dir(t),
+            params,
+            model_config=self.model,
+            tokenizer=self.tokenizer_path,
+            overwrite=True,
+        )
         barrier(f"policy {t}")
 
     def load_policy(self, t: int) -> Any:

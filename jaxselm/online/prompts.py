@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxselm.checkpoints import checkpoint_tokenizer
 from jaxselm.data.iteration import iteration_indices
 from jaxselm.data.tasks import Task, make_demonstrations, make_task
 from jaxselm.data.tokenizer import Tokenizer, load_tokenizer
@@ -31,18 +32,6 @@ def build_tokenizer(cfg: RunConfig) -> Tokenizer:
             raise ConfigError("data.tokenizer: required when data.source is 'prompts'")
         return make_task(cfg.data.task, **cfg.data.task_settings).tokenizer()
     return load_tokenizer(spec)
-
-
-def checkpoint_tokenizer(path: str | None) -> str | None:
-    """``path`` when that checkpoint carries a tokenizer, else None."""
-    if path is None:
-        return None
-    p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":
-        return path
-    if p.is_dir() and any((p / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        return path
-    return None
 
 
 def text_of(messages_or_text: Any) -> str:

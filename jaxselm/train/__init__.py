@@ -9,6 +9,7 @@ See ``jaxselm.train.step`` for the batch layout and a full example.
 from jaxselm.train.checkpoint import (
     Checkpointer,
     export_metadata,
+    export_tokenizer,
     latest_step,
     load_params,
     save_params,
@@ -56,6 +57,7 @@ __all__ = [
     "abstract_train_state",
     "create_train_state",
     "export_metadata",
+    "export_tokenizer",
     "dpo_loss",
     "init_train_state",
     "ipo_loss",

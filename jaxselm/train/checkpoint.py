@@ -258,27 +258,34 @@ def save_params(
     *,
     model_config: ModelConfig | None = None,
     head: str = "lm",
+    tokenizer: str | None = None,
     overwrite: bool = False,
 ) -> None:
     """Write ``params`` alone: a params export (for sampling, evaluation, the next pi_ref).
 
     With ``model_config`` the export carries it (and ``head``) in its orbax metadata, written in
     the same atomic step as the arrays, so :func:`jaxselm.checkpoints.load_checkpoint` needs
-    nothing else to load it. Synchronous; ``path`` must not exist unless ``overwrite``.
+    nothing else to load it; ``tokenizer`` (where the model's tokenizer is: a path) is recorded
+    too, for exports to HF or GGUF. Synchronous; ``path`` must not exist unless ``overwrite``.
     """
     where = _abs(path)
     if where.exists() and not overwrite:
         raise CheckpointError(f"params export already exists: {where}")
     meta = None
     if model_config is not None:
-        meta = {_EXPORT_KEY: {"model": model_config.model_dump(mode="json"), "head": head}}
+        meta = {
+            _EXPORT_KEY: {
+                "model": model_config.model_dump(mode="json"),
+                "head": head,
+                "tokenizer": tokenizer,
+            }
+        }
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(where, params, force=overwrite, custom_metadata=meta)
         ckptr.wait_until_finished()
 
 
-def export_metadata(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
-    """(model config, head) a params export carries, or None (an export saved without them)."""
+def _export_meta(path: str | os.PathLike) -> dict[str, Any]:
     where = _abs(path)
     try:
         with ocp.StandardCheckpointer() as ckptr:
@@ -287,13 +294,23 @@ def export_metadata(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
         raise CheckpointError(
             f"params checkpoint {where} is unreadable ({_one_line(err)})"
         ) from err
-    meta = custom.get(_EXPORT_KEY)
+    return custom.get(_EXPORT_KEY) or {}
+
+
+def export_tokenizer(path: str | os.PathLike) -> str | None:
+    """Where the tokenizer of a params export's model is (recorded when it was saved), or None."""
+    return _export_meta(path).get("tokenizer")
+
+
+def export_metadata(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
+    """(model config, head) a params export carries, or None (an export saved without them)."""
+    meta = _export_meta(path)
     if not meta:
         return None
     try:
         return ModelConfig(**meta["model"]), str(meta.get("head", "lm"))
     except ConfigError as err:
-        raise CheckpointError(f"{where}: its model config is invalid ({err})") from None
+        raise CheckpointError(f"{_abs(path)}: its model config is invalid ({err})") from None
 
 
 def load_params(
