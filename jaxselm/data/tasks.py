@@ -21,30 +21,27 @@ each class; the defaults here are small so CPU runs are quick):
   at most ``max_items`` tokens; :meth:`SortTask.score` is graded (fraction of positions right)
   so a judge can rank imperfect samples, and :func:`make_demonstrations` writes imperfect
   demonstrations for a short SFT warm start.
+* ``arithmetic`` -- a natural-language chat task for instruction-tuned models (in
+  :mod:`jaxselm.data.chat_tasks`, registered here): ``Calculate 75 + 94. Reply with just the
+  final number, nothing else.`` -> ``169``. Its examples carry a one-turn ``messages`` list for
+  the model's chat template and it has no word tokenizer.
+
+The base class and the per-example generator live in :mod:`jaxselm.data.task_base`.
 """
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
+from jaxselm.data.chat_tasks import ArithmeticChatTask
+from jaxselm.data.task_base import SPLIT_STREAMS, Task, check_setting
+from jaxselm.data.task_base import example_rng as example_rng
 from jaxselm.data.tokenizer_base import WordTokenizer
 from jaxselm.errors import ConfigError, DataError
-
-_SPLIT_STREAMS = {"train": 0, "test": 1, "validation": 2}
-
-
-def example_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    """The generator for example ``index`` of ``split``: independent of the other examples."""
-    if split not in _SPLIT_STREAMS:
-        raise ConfigError(
-            f"split: unknown split {split!r} (expected one of {sorted(_SPLIT_STREAMS)})"
-        )
-    return np.random.default_rng([int(seed), _SPLIT_STREAMS[split], int(index)])
 
 
 def _positional_score(answer: Sequence[str], response: Sequence[str]) -> float:
@@ -55,55 +52,7 @@ def _positional_score(answer: Sequence[str], response: Sequence[str]) -> float:
     return sum(a == r for a, r in zip(answer, response, strict=False)) / n
 
 
-def _check(cond: bool, name: str, field: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"tasks.{name}.{field}: {msg}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Task(abc.ABC):
-    """Base class: a task's settings; subclasses implement the generation and the answer."""
-
-    name: ClassVar[str] = ""
-    keyword: ClassVar[str] = ""
-
-    @abc.abstractmethod
-    def vocab(self) -> list[str]:
-        """The words prompts and answers use (fixed by the settings)."""
-
-    @abc.abstractmethod
-    def sample(self, rng: np.random.Generator) -> str:
-        """One prompt."""
-
-    @abc.abstractmethod
-    def reference(self, prompt: str) -> str:
-        """The exact answer, computed from the prompt alone."""
-
-    def score(self, prompt: str, response: str) -> float:
-        """1.0 for the exact answer, less otherwise (graded for some tasks), in [0, 1]."""
-        return float(response.split() == self.reference(prompt).split())
-
-    @abc.abstractmethod
-    def corrupt(self, prompt: str, answer: str, rng: np.random.Generator) -> str:
-        """A wrong answer close to ``answer`` (changes one or two positions)."""
-
-    def example(self, seed: int, split: str, index: int) -> dict[str, str]:
-        """Example ``index``: {"id", "prompt", "answer"}."""
-        prompt = self.sample(example_rng(seed, split, index))
-        return {
-            "id": f"{self.name}/{split}/{index}",
-            "prompt": prompt,
-            "answer": self.reference(prompt),
-        }
-
-    def tokenizer(self) -> WordTokenizer:
-        return WordTokenizer(self.vocab(), name=f"task:{self.name}")
-
-    def _words(self, prompt: str) -> list[str]:
-        words = prompt.split()
-        if not words or words[0] != self.keyword:
-            raise DataError(f"prompt does not start with {self.keyword!r}: {prompt[:40]!r}")
-        return words[1:]
+_check = check_setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,7 +332,7 @@ class FlipFlopTask(Task):
 
 
 TASKS: dict[str, type[Task]] = {
-    t.name: t for t in (SortTask, SelectiveCopyTask, CountingTask, FlipFlopTask)
+    t.name: t for t in (SortTask, SelectiveCopyTask, CountingTask, FlipFlopTask, ArithmeticChatTask)
 }
 _BY_KEYWORD: dict[str, type[Task]] = {t.keyword: t for t in TASKS.values()}
 
@@ -412,8 +361,9 @@ def task_tokenizer(task: str | Task) -> WordTokenizer:
 
 def generate_examples(
     task: Task, n: int, *, seed: int, split: str = "train", start: int = 0
-) -> Iterator[dict[str, str]]:
-    """Examples ``start .. start + n - 1`` of ``split``: dicts with id, prompt and answer."""
+) -> Iterator[dict[str, Any]]:
+    """Examples ``start .. start + n - 1`` of ``split``: dicts with id, prompt and answer (and
+    messages, for a chat task)."""
     for i in range(start, start + n):
         yield task.example(seed, split, i)
 
@@ -451,18 +401,19 @@ def make_demonstrations(
 
     Each of examples ``start .. start + n - 1`` gets its reference answer, replaced by a
     corrupted one with probability ``corrupt_prob``. Returns dicts with id, prompt, response
-    and ``corrupted`` (bool). Deterministic in ``seed``.
+    and ``corrupted`` (bool), and a chat task's ``messages``. Deterministic in ``seed``.
     """
     if not 0.0 <= corrupt_prob <= 1.0:
         raise ConfigError(f"corrupt_prob: must be in [0, 1], got {corrupt_prob}")
     out = []
     for ex in generate_examples(task, n, seed=seed, split=split, start=start):
         rng = np.random.default_rng(
-            [int(seed), 7919, _SPLIT_STREAMS[split], int(ex["id"].rsplit("/", 1)[1])]
+            [int(seed), 7919, SPLIT_STREAMS[split], int(ex["id"].rsplit("/", 1)[1])]
         )
         corrupted = bool(rng.random() < corrupt_prob)
         response = task.corrupt(ex["prompt"], ex["answer"], rng) if corrupted else ex["answer"]
-        out.append(
-            {"id": ex["id"], "prompt": ex["prompt"], "response": response, "corrupted": corrupted}
-        )
+        demo = {"id": ex["id"], "prompt": ex["prompt"], "response": response}
+        if "messages" in ex:  # a chat task: the prompt as the chat template wants it
+            demo["messages"] = ex["messages"]
+        out.append({**demo, "corrupted": corrupted})
     return out

@@ -119,3 +119,149 @@ def test_errors():
         tasks.score("count inc a ? a", "1")
     with pytest.raises(ConfigError, match="corrupt_prob"):
         tasks.make_demonstrations(tasks.make_task("sort"), 2, seed=0, corrupt_prob=2.0)
+
+
+# -- the natural-language chat task ----------------------------------------------------------------
+
+CALC = "Calculate 75 + 94. Reply with just the final number, nothing else."
+
+
+def test_arithmetic_examples_are_deterministic_chat_prompts():
+    task = tasks.make_task("arithmetic")
+    assert task.chat and task.keyword == "Calculate"
+    first = list(tasks.generate_examples(task, 20, seed=7, split="test"))
+    assert first == list(tasks.generate_examples(task, 20, seed=7, split="test"))
+    assert first[5] == task.example(7, "test", 5)
+    assert first[5] == next(tasks.generate_examples(task, 1, seed=7, split="test", start=5))
+    assert first != list(tasks.generate_examples(task, 20, seed=7, split="train"))
+    assert first != list(tasks.generate_examples(task, 20, seed=8, split="test"))
+    for i, ex in enumerate(first):
+        assert ex["id"] == f"arithmetic/test/{i}"
+        assert ex["messages"] == [{"role": "user", "content": ex["prompt"]}]
+        assert ex["prompt"].split()[0] == "Calculate"
+        assert ex["prompt"].endswith("Reply with just the final number, nothing else.")
+        a, op, b = ex["prompt"].split()[1:4]
+        assert op == "+" and 10 <= int(a) <= 99 and 10 <= int(b.rstrip(".")) <= 99
+        assert ex["answer"] == str(int(a) + int(b.rstrip(".")))
+        assert tasks.score(ex["prompt"], ex["answer"]) == 1.0
+
+
+def test_arithmetic_settings():
+    task = tasks.make_task("arithmetic", min_value=2, max_value=30, ops="+-*")
+    seen = set()
+    for ex in tasks.generate_examples(task, 200, seed=0):
+        a, op, b = ex["prompt"].split()[1:4]
+        a, b = int(a), int(b.rstrip("."))
+        seen.add(op)
+        assert 2 <= a <= 30 and 2 <= b <= 30
+        assert int(ex["answer"]) == {"+": a + b, "-": a - b, "*": a * b}[op] >= 0
+    assert seen == {"+", "-", "*"}
+    for bad in ({"ops": ""}, {"ops": "+/"}, {"ops": "++"}, {"min_value": -1}):
+        with pytest.raises(ConfigError, match=r"tasks.arithmetic\."):
+            tasks.make_task("arithmetic", **bad)
+    with pytest.raises(ConfigError, match="max_value"):
+        tasks.make_task("arithmetic", min_value=50, max_value=20)
+    with pytest.raises(ConfigError, match="data.tokenizer"):
+        task.tokenizer()
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "169",
+        " 169\n",
+        "169.",
+        "**169**",
+        "The answer is 169.",
+        "Answer: 169",
+        "The final number is 169.",
+        "75 + 94 = 169",
+        "75+94=169",
+        "75 + 94 = 70 + 4 + 90 + 5 = 169",
+        "Sure! 169",
+        "169.0",
+        "To add 75 and 94, we get 169.",
+        "169. Let me know if you have another question!",
+        "75 + 94 = 169\n\nI'm ready to help. What's your next question?",
+        "The sum is 169, which is 4 more than 165.",
+        "75 + 94 is 169, which is a mix of the numbers 1 and 2.",
+        "Adding them: 75 + 94 makes 169 (2 three-digit numbers would make more).",
+    ],
+)
+def test_arithmetic_verifier_accepts_the_answer_in_any_format(response):
+    assert tasks.score(CALC, response) == 1.0 and tasks.verify(CALC, response)
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        "",
+        "   ",
+        "I don't know.",
+        "one hundred sixty-nine",
+        "75 + 94",  # restates the question: no answer
+        "75 + 94 = 170",
+        "170",
+        "1690",
+        "16.9",
+        "-169",
+        "169.5",
+        "x169",
+        "75 + 94 = 169 + 1 = 170",  # the last marked number counts
+        "The answer is 170. No wait, 169 is wrong.",
+        "169. Then add 3 more to get 172.",  # without a marker the last number counts
+        "The numbers are 75 and 94.",
+        "75 + 94 is 169 and 75 + 94 equals 170.",  # the last claim counts
+    ],
+)
+def test_arithmetic_verifier_rejects_wrong_or_missing_answers(response):
+    assert tasks.score(CALC, response) == 0.0 and not tasks.verify(CALC, response)
+
+
+def test_arithmetic_verifier_other_operations_and_number_formats():
+    def calc(expr):
+        return f"Calculate {expr}. Reply with just the final number, nothing else."
+
+    assert tasks.score(calc("1200 + 125"), "1,325") == 1.0
+    assert tasks.score(calc("1200 + 125"), "The answer is 1,325.") == 1.0
+    assert tasks.score(calc("1200 + 125"), "1,32") == 0.0
+    assert tasks.score(calc("40 - 20"), "40 - 20") == 0.0  # the echoed 20 is not an answer
+    assert tasks.score(calc("40 - 20"), "40 - 20 = 20") == 1.0
+    assert tasks.score(calc("40 - 20"), "40-20 equals 20") == 1.0
+    assert tasks.score(calc("57 - 57"), "0") == 1.0
+    assert tasks.score(calc("12 * 11"), "12 x 11 = 132") == 1.0
+    assert tasks.score(calc("12 * 11"), "12 * 11 = 121") == 0.0
+    # A corruption is a nearby wrong number.
+    task = tasks.make_task("arithmetic", ops="+-", min_value=0, max_value=20)
+    rng = np.random.default_rng(0)
+    for ex in tasks.generate_examples(task, 100, seed=1):
+        bad = task.corrupt(ex["prompt"], ex["answer"], rng)
+        assert int(bad) >= 0 and 1 <= abs(int(bad) - int(ex["answer"])) <= 10
+        assert tasks.score(ex["prompt"], bad) == 0.0
+
+
+def test_arithmetic_dispatch_through_the_module_function_judge():
+    module, func = "jaxselm.data.tasks:score".split(":")
+    judge = getattr(importlib.import_module(module), func)
+    assert judge(CALC, "75 + 94 = 169") == 1.0
+    assert judge(CALC, "75 + 94 = 159") == 0.0
+    assert judge("\n" + CALC, "169") == 1.0  # leading whitespace does not hide the keyword
+    assert isinstance(tasks.task_for_prompt(CALC), tasks.TASKS["arithmetic"])
+    with pytest.raises(DataError, match="not an arithmetic prompt"):
+        judge("Calculate the area of a circle.", "3")
+    with pytest.raises(DataError, match="task keyword"):
+        judge("calculate 75 + 94.", "169")  # the keyword is case-sensitive, like the others
+
+
+def test_arithmetic_demonstrations_carry_messages():
+    task = tasks.make_task("arithmetic")
+    demos = tasks.make_demonstrations(task, 50, seed=2, corrupt_prob=0.5)
+    assert demos == tasks.make_demonstrations(task, 50, seed=2, corrupt_prob=0.5)
+    for d in demos:
+        assert d["messages"] == [{"role": "user", "content": d["prompt"]}]
+        assert (tasks.score(d["prompt"], d["response"]) == 1.0) != d["corrupted"]
+    # The word-level tasks' demonstrations are unchanged (no messages).
+    assert (
+        "messages"
+        not in tasks.make_demonstrations(tasks.make_task("sort"), 1, seed=0, corrupt_prob=0.0)[0]
+    )
