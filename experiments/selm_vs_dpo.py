@@ -1,24 +1,29 @@
-"""Iterative DPO (alpha = 0) vs SELM (alpha > 0) on the CPU demo task, same budget, several seeds.
+"""Iterative DPO (alpha = 0) vs SELM (alpha > 0) on one run config, same budget, several seeds.
 
-    python experiments/selm_vs_dpo.py                        # the full run (docs/results.md)
+    python experiments/selm_vs_dpo.py                        # the CPU demo (docs/results.md)
+    python experiments/selm_vs_dpo.py --config configs/smollm2-arithmetic.yaml --alphas 0,1e-3
+                                                             # SmolLM2-135M-Instruct (real model)
     python experiments/selm_vs_dpo.py --quick --out /tmp/q   # tiny: 2 alphas, 1 seed, 1 iteration
     python experiments/selm_vs_dpo.py --table-only           # rebuild table + plots from the JSON
 
-Every run is ``jaxselm online --config configs/demo.yaml`` through the library
-(``jaxselm.online.run_online(cfg)``) with ``train.alpha`` and ``run.seed`` overridden, so every
-setting gets exactly the same budget (SFT warm start, prompts per iteration, samples, epochs,
-learning rates); only the optimism weight alpha differs. SELM's loss adds
-``alpha * beta * (log pi(y_ref) - log pi_ref(y_ref))`` to the DPO loss (beta = 0.1 in the demo).
+Every run is ``jaxselm online --config <config>`` through the library
+(``jaxselm.online.run_online(cfg)``) with ``train.alpha`` and ``run.seed`` overridden (and the
+config's first learning rate for every iteration), so every setting gets exactly the same budget
+(warm start, prompts per iteration, samples, epochs, learning rates); only the optimism weight
+alpha differs. SELM's loss adds ``alpha * beta * (log pi(y_ref) - log pi_ref(y_ref))`` to the
+DPO loss. The outputs are named after the config (``selm_vs_dpo`` for the demo).
 
 Per iteration it collects, from the run's own ``metrics.jsonl``: sample accuracy and reward (one
-temperature-1 sample per held-out prompt), greedy accuracy, the win rate of this iteration's
-samples against the previous iteration's, KL(pi || pi_ref), diversity (distinct bigrams of the
-training samples), and an exploration measure, the mean implicit reward of y_ref during training
-(``rewards/refresp`` = beta * (log pi(y_ref) - log pi_ref(y_ref)), averaged over train steps).
+sample per held-out prompt at the config's temperature), greedy accuracy, the win rate of this
+iteration's samples against the previous iteration's, KL(pi || pi_ref), diversity (distinct
+bigrams of the training samples), and an exploration measure, the mean implicit reward of y_ref
+during training (``rewards/refresp`` = beta * (log pi(y_ref) - log pi_ref(y_ref)), averaged over
+train steps).
 
-Outputs (``--out``, default ``experiments/results``): ``selm_vs_dpo.json`` (every run's
-per-iteration metrics; written after each run, and an interrupted sweep resumes),
-``selm_vs_dpo.md`` (tables generated from the JSON) and ``selm_vs_dpo.png`` (plots).
+Outputs (``--out``, default ``experiments/results``), NAME = ``selm_vs_dpo`` for the demo config,
+else the config's stem: ``NAME.json`` (every run's per-iteration metrics; written after each run,
+and an interrupted sweep resumes), ``NAME.md`` (tables generated from the JSON) and ``NAME.png``
+(plots).
 """
 
 from __future__ import annotations
@@ -75,7 +80,12 @@ def _iteration_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def run_one(
-    alpha: float, seed: int, iterations: int, work_dir: Path, extra: list[str]
+    alpha: float,
+    seed: int,
+    iterations: int,
+    work_dir: Path,
+    extra: list[str],
+    config: Path = REPO / "configs" / "demo.yaml",
 ) -> dict[str, Any]:
     from jaxselm.config_io import load_config
     from jaxselm.online import run_online
@@ -83,10 +93,11 @@ def run_one(
 
     out_dir = work_dir / f"alpha{alpha:g}-s{seed}-it{iterations}"
     shutil.rmtree(out_dir, ignore_errors=True)
-    lrs = "[" + ", ".join(["3.0e-4"] * iterations) + "]"
+    lr = load_config(RunConfig, str(config), extra).online.learning_rate(1)
+    lrs = "[" + ", ".join([repr(lr)] * iterations) + "]"
     cfg = load_config(
         RunConfig,
-        str(REPO / "configs" / "demo.yaml"),
+        str(config),
         [
             f"run.output_dir={out_dir}",
             f"run.seed={seed}",
@@ -99,11 +110,12 @@ def run_one(
         ],
     )
     t0 = time.time()
-    run_online(cfg)
+    run_online(cfg, config_dir=str(config.parent))
     return {
         "alpha": alpha,
         "seed": seed,
         "iterations": iterations,
+        "config": config.name,
         "extra_overrides": extra,
         "beta": cfg.train.beta,
         "wall_s": round(time.time() - t0, 1),
@@ -224,13 +236,17 @@ def make_plot(results: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> None:
+def output_name(config: Path) -> str:
+    return "selm_vs_dpo" if config.name == "demo.yaml" else config.stem
+
+
+def write_outputs(results: dict[str, Any], out: Path, name: str = "selm_vs_dpo") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "selm_vs_dpo.json.tmp"
+    tmp = out / f"{name}.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "selm_vs_dpo.json")
-    (out / "selm_vs_dpo.md").write_text(make_table(results))
-    make_plot(results, out / "selm_vs_dpo.png")
+    os.replace(tmp, out / f"{name}.json")
+    (out / f"{name}.md").write_text(make_table(results))
+    make_plot(results, out / f"{name}.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,15 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "experiments" / "results"))
-    ap.add_argument("--work-dir", default=str(REPO / "runs" / "experiments" / "selm"))
+    ap.add_argument("--work-dir", default=None, help="default: runs/experiments/<name>")
+    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
     ap.add_argument(
         "--table-only", action="store_true", help="rebuild table and plot from the JSON"
     )
     args = ap.parse_args(argv)
     out = Path(args.out)
+    config = Path(args.config).resolve()
+    name = output_name(config)
+    work_dir = Path(args.work_dir or REPO / "runs" / "experiments" / name)
     if args.table_only:
-        results = json.loads((out / "selm_vs_dpo.json").read_text())
-        write_outputs(results, out)
+        results = json.loads((out / f"{name}.json").read_text())
+        write_outputs(results, out, name)
         print(make_table(results))
         return 0
     extra: list[str] = []
@@ -267,9 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     alphas = [float(a) for a in args.alphas.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
 
-    path = out / "selm_vs_dpo.json"
+    path = out / f"{name}.json"
     results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"runs": []}
     results["machine"] = f"{os.cpu_count()}-core CPU ({sys.platform}), JAX CPU backend"
+    results["config"] = config.name
     done = {
         (r["alpha"], r["seed"], r["iterations"], tuple(r["extra_overrides"]))
         for r in results["runs"]
@@ -277,19 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:  # seed-major: a cut-short sweep still has every alpha for seed 0
         for alpha in alphas:
             if (alpha, seed, args.iterations, tuple(extra)) in done:
-                print(f"[selm_vs_dpo] skip alpha {alpha:g} seed {seed} (in {path})", flush=True)
+                print(f"[{name}] skip alpha {alpha:g} seed {seed} (in {path})", flush=True)
                 continue
-            rec = run_one(alpha, seed, args.iterations, Path(args.work_dir), extra)
+            rec = run_one(alpha, seed, args.iterations, work_dir, extra, config)
             last = rec["per_iteration"][-1]
             print(
-                f"[selm_vs_dpo] {_label(alpha)} seed {seed}: sample-acc "
+                f"[{name}] {_label(alpha)} seed {seed}: sample-acc "
                 f"{last['eval/sample_accuracy']:.3f} greedy-acc {last['eval/accuracy']:.3f} "
                 f"({rec['wall_s']} s)",
                 flush=True,
             )
             results["runs"].append(rec)
-            write_outputs(results, out)
-    write_outputs(results, out)
+            write_outputs(results, out, name)
+    write_outputs(results, out, name)
     print(make_table(results))
     return 0
 

@@ -3,9 +3,10 @@
 * greedy responses: the judge's reward (``eval/reward``), exact-answer accuracy (``eval/accuracy``,
   score 1 from a verifier), length and diversity, and the win rate against iteration t-1's
   greedy responses to the same prompts (``eval/win_rate``);
-* one temperature-1 sample per prompt, the policy's own distribution (what the preference updates
-  move): ``eval/sample_reward``, ``eval/sample_accuracy``, ``eval/sample_win_rate``, and
-  KL(pi || pi_ref) ~ E_y~pi[log pi(y|x) - log pi_ref(y|x)] (``eval/kl``);
+* one sample per prompt at ``online.temperature``, the distribution the loop samples from (what
+  the preference updates move): ``eval/sample_reward``, ``eval/sample_accuracy``,
+  ``eval/sample_win_rate``, and KL(pi || pi_ref) ~ E_y~pi[log pi(y|x) - log pi_ref(y|x)]
+  (``eval/kl``, importance-weighted when that temperature is not 1);
 * for t > 0, the iteration's generation/judging statistics (``samples/*``) and the means of its
   training metrics (``train/*``), so the iteration record summarises the whole iteration.
 
@@ -75,7 +76,7 @@ def evaluate(ctx: RunContext, t: int, params: Any, ref_params: Any | None) -> di
         key=jax.random.fold_in(key, 1),
         n=1,
         greedy=False,
-        temperature=1.0,
+        temperature=ctx.cfg.online.temperature,
         desc=f"iter {t} sample",
     )
     s_resp = sampled.responses()
@@ -126,12 +127,21 @@ def train_summary(ctx: RunContext, t: int) -> dict[str, float]:
 
 def _kl(
     ctx: RunContext, sampled: Generation, responses: list[list[int]], ref_params, valid: np.ndarray
-) -> float:
-    """E_y~pi[log pi(y|x) - log pi_ref(y|x)] over the temperature-1 samples."""
+) -> float | None:
+    """KL(pi || pi_ref) = E_y~pi[log pi(y|x) - log pi_ref(y|x)], from the evaluation samples.
+
+    They are drawn at ``online.temperature``, so each is weighted by pi(y) / pi_T(y)
+    (self-normalised importance sampling); at temperature 1 every weight is exactly 1 and this
+    is the plain mean.
+    """
     logp_pol = sampled.logprobs[:, 0].sum(-1)
+    log_w = logp_pol - sampled.sampling_logprobs[:, 0].sum(-1)
     rows = PairSet.of_sequences(sampled.prompt_ids(), responses, ctx.pad_id)
     logp_ref = sequence_logprobs(ctx, ref_params, rows, ("chosen",)).chosen
-    return float(np.mean((logp_pol - logp_ref)[valid])) if valid.any() else None
+    if not valid.any():
+        return None
+    w = np.exp(log_w[valid] - log_w[valid].max())
+    return float(np.sum(w * (logp_pol - logp_ref)[valid]) / np.sum(w))
 
 
 def _scores(ctx: RunContext, prompts: list[str], texts: list[str], valid: np.ndarray) -> np.ndarray:

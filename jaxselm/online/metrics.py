@@ -126,8 +126,9 @@ def distinct_n(sequences: list[list[int]], n: int) -> float:
 
 
 # The per-iteration table the CLI prints at the end of a run: (header, metric, format).
-# eval/accuracy, eval/reward, eval/win_rate: greedy responses; eval/sample_*: one temperature-1
-# sample per prompt (the policy's distribution). Win rates are against the previous iteration.
+# eval/accuracy, eval/reward, eval/win_rate: greedy responses; eval/sample_*: one sample per
+# prompt at online.temperature (the distribution the loop samples from). Win rates are against
+# the previous iteration.
 TABLE_COLUMNS = [
     ("iter", "iteration", "{:>4d}"),
     ("sample-acc", M.EVAL_SAMPLE_ACCURACY, "{:>10.3f}"),

@@ -37,7 +37,15 @@ from jaxselm.sampling import generate
 from jaxselm.train.driver import progress
 
 Record = dict[str, Any]
-_FIELDS = ("tokens", "lengths", "finish", "logprobs", "prompt_tokens", "prompt_lengths")
+_FIELDS = (
+    "tokens",
+    "lengths",
+    "finish",
+    "logprobs",
+    "sampling_logprobs",
+    "prompt_tokens",
+    "prompt_lengths",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,7 @@ class Generation:
     lengths: np.ndarray  # [P, n] int32, the stop token included
     finish: np.ndarray  # [P, n] int32, FinishReason (0: stop token)
     logprobs: np.ndarray  # [P, n, M] float32, the policy's temperature-1 log-probs
+    sampling_logprobs: np.ndarray  # [P, n, M] float32, under the distribution sampled from
     prompt_tokens: np.ndarray  # [P, T] int32, left-padded
     prompt_lengths: np.ndarray  # [P] int32
 
@@ -132,6 +141,7 @@ def rollout(
         out["lengths"].append(np.asarray(res.lengths)[:real])
         out["finish"].append(np.asarray(res.finish_reason)[:real])
         out["logprobs"].append(np.asarray(res.logprobs)[:real])
+        out["sampling_logprobs"].append(np.asarray(res.sampling_logprobs)[:real])
         out["prompt_tokens"].append(np.asarray(prompts.tokens, np.int32)[:real])
         out["prompt_lengths"].append(np.asarray(prompts.mask).sum(-1).astype(np.int32)[:real])
         if preemptible:

@@ -115,7 +115,7 @@ def test_convert_round_trip(sft_run):
 
 
 @pytest.mark.slow
-def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
+def test_offline_train_and_train_rm(tmp_path, capsys):
     (tmp_path / "prefs_judge.py").write_text(
         "def score(prompt, response):\n    return min(len(response), 10) / 10\n"
     )
@@ -126,9 +126,15 @@ def test_offline_train_and_train_rm(tmp_path, capsys, monkeypatch):
     prefs.write_text("\n".join(rows) + "\n")
     cfg = tmp_path / "prefs.yaml"
     cfg.write_text(PREF_CFG.format(out=tmp_path / "run", prefs=prefs))
+    capsys.readouterr()
+    # The judge module sits next to the config file: found there, no PYTHONPATH.
     assert main(["train", "--config", str(cfg)]) == 0
     run = tmp_path / "run"
     assert (run / "policy" / "iter_01").is_dir()
+    said = capsys.readouterr()
+    # A local file is prepared, not downloaded; a smaller evaluation set than asked is explained.
+    assert "Downloading" not in said.out + said.err and "downloaded" not in said.out + said.err
+    assert "evaluation on 1 (of 4 asked: at most 10% of the file is held out)" in said.out
     train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert any(r["kind"] == "train" and "rewards/accuracies" in r for r in train)
     capsys.readouterr()

