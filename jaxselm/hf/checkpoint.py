@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -40,8 +39,9 @@ from jaxselm.hf.layout import (
     NP_DTYPES,
     SINGLE_NAME,
     ST_DTYPES,
+    TensorSpec,
+    assemble_params,
     tensor_layout,
-    tree_get,
 )
 from jaxselm.model.config import ModelConfig
 
@@ -171,18 +171,6 @@ class _Reader:
             raise CheckpointError(f"{path}: tensor {name}: unreadable ({_one_line(err)})") from None
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _place(buf: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
-    if sharding is None:
-        return jax.device_put(buf)
-    return jax.make_array_from_callback(buf.shape, sharding, lambda idx: buf[idx])
-
-
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """The raw ``config.json`` dict of a checkpoint directory (ConfigError if unreadable)."""
     root = Path(path)
@@ -241,22 +229,12 @@ def load_hf_checkpoint(
                 f"{hf.get('architectures', ['model'])[0]} with this config)"
             )
 
-    np_dtype = NP_DTYPES[cfg.param_dtype]
-    params: dict = {}
     with contextlib.ExitStack() as stack:
         reader = _Reader(files, stack)
-        for spec in specs:
-            sharding = shardings
-            if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
-                sharding = tree_get(shardings, spec.path, "shardings", ConfigError)
-            if spec.stacked:
-                buf = np.empty(spec.shape, np_dtype)
-                for i, name in enumerate(spec.hf_names(cfg.num_layers)):
-                    buf[i] = spec.to_ours(reader.read(name, spec.hf_shape))
-            else:
-                buf = np.ascontiguousarray(
-                    spec.to_ours(reader.read(spec.hf_name, spec.hf_shape)), dtype=np_dtype
-                )
-            _set(params, spec.path, _place(buf, sharding))
-            del buf
+
+        def read(spec: TensorSpec, layer: int) -> np.ndarray:
+            name = spec.hf_name.format(layer) if spec.stacked else spec.hf_name
+            return spec.to_ours(reader.read(name, spec.hf_shape))
+
+        params = assemble_params(specs, cfg.num_layers, NP_DTYPES[cfg.param_dtype], read, shardings)
     return cfg, params

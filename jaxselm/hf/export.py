@@ -39,8 +39,8 @@ from jaxselm.hf.layout import (
     SINGLE_NAME,
     ST_NAMES,
     TensorSpec,
+    param_leaves,
     tensor_layout,
-    tree_get,
 )
 from jaxselm.model.config import ModelConfig
 from jaxselm.parallel.multihost import any_process, is_primary, to_host
@@ -80,17 +80,10 @@ def _tensors(
     cfg: ModelConfig, params: Mapping, specs: list[TensorSpec], np_dtype: np.dtype
 ) -> tuple[list[tuple[str, tuple[int, ...]]], Callable[[str], np.ndarray]]:
     """(HF name, shape) of every tensor in HF order, and a function producing one tensor."""
-    leaves, owner = {}, {}
-    for spec in specs:
-        leaf = tree_get(params, spec.path, "params")
-        if tuple(leaf.shape) != spec.shape:
-            raise CheckpointError(
-                f"params: {'/'.join(spec.path)}: shape {list(leaf.shape)} does not match "
-                f"the config's {list(spec.shape)}"
-            )
-        leaves[spec.path] = leaf
-        for i, name in enumerate(spec.hf_names(cfg.num_layers)):
-            owner[name] = (spec, i)
+    leaves = param_leaves(params, specs)
+    owner = {
+        name: (spec, i) for spec in specs for i, name in enumerate(spec.hf_names(cfg.num_layers))
+    }
     order = []
     # HF order: embeddings, then layer by layer, then the final norm and the head.
     order.append("model.embed_tokens.weight")

@@ -38,13 +38,12 @@ import math
 import os
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxselm.data.tokenizer import HFTokenizer, load_gguf_tokenizer
 from jaxselm.data.tokenizer_gguf import gguf_value, open_gguf
 from jaxselm.errors import CheckpointError, ConfigError
-from jaxselm.hf.layout import NP_DTYPES, TensorSpec, tensor_layout, tree_get
+from jaxselm.hf.layout import NP_DTYPES, TensorSpec, assemble_params, tensor_layout
 from jaxselm.model.config import ModelConfig, RopeScaling
 from jaxselm.model.rope import inverse_frequencies
 
@@ -254,12 +253,6 @@ def _dequantize(t: Any, where: str) -> np.ndarray:
         ) from None
 
 
-def _place(buf: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
-    if sharding is None:
-        return jax.device_put(buf)
-    return jax.make_array_from_callback(buf.shape, sharding, lambda idx: buf[idx])
-
-
 def load_gguf_checkpoint(
     path: str | os.PathLike, *, dtype: str | None = None, shardings: Any = None
 ) -> tuple[ModelConfig, dict]:
@@ -299,21 +292,5 @@ def load_gguf_checkpoint(
         n = permuted_heads(spec, cfg)
         return spec.to_ours(unpermute_rows(w, n) if n else w)
 
-    np_dtype = NP_DTYPES[cfg.param_dtype]
-    params: dict = {}
-    for spec in specs:
-        sharding = shardings
-        if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
-            sharding = tree_get(shardings, spec.path, "shardings", ConfigError)
-        if spec.stacked:
-            buf = np.empty(spec.shape, np_dtype)
-            for i in range(L):
-                buf[i] = read(spec, i)
-        else:
-            buf = np.ascontiguousarray(read(spec, 0), dtype=np_dtype)
-        node = params
-        for key in spec.path[:-1]:
-            node = node.setdefault(key, {})
-        node[spec.path[-1]] = _place(buf, sharding)
-        del buf
+    params = assemble_params(specs, L, NP_DTYPES[cfg.param_dtype], read, shardings)
     return cfg, params

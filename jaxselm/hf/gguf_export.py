@@ -32,7 +32,7 @@ from jaxselm.data.tokenizer_gguf import UNUSED, GGUFVocab
 from jaxselm.errors import CheckpointError, ConfigError, TokenizerError
 from jaxselm.files import atomic_write
 from jaxselm.hf.gguf import ROPE_FREQS, gguf_name, permute_rows, permuted_heads
-from jaxselm.hf.layout import NP_DTYPES, TensorSpec, tensor_layout, tree_get
+from jaxselm.hf.layout import NP_DTYPES, TensorSpec, param_leaves, tensor_layout
 from jaxselm.model.config import ModelConfig
 from jaxselm.model.rope import inverse_frequencies
 from jaxselm.parallel.multihost import any_process, is_primary, to_host
@@ -148,15 +148,7 @@ def _tensors(
     """
     out = []
     specs = tensor_layout(config, "lm")
-    leaves = {}
-    for spec in specs:
-        leaf = tree_get(params, spec.path, "params")
-        if tuple(leaf.shape) != spec.shape:
-            raise CheckpointError(
-                f"params: {'/'.join(spec.path)}: shape {list(leaf.shape)} does not match the "
-                f"config's {list(spec.shape)}"
-            )
-        leaves[spec.path] = leaf
+    leaves = param_leaves(params, specs)
 
     def producer(spec: TensorSpec, layer: int | None, np_dtype: np.dtype) -> Callable:
         def produce() -> np.ndarray:

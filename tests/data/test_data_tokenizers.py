@@ -4,6 +4,7 @@ built-ins, load_tokenizer dispatch, and one-line errors naming the bad file."""
 import json
 
 import pytest
+from tiny_tokenizers import train_bpe_dir, train_sentencepiece
 
 from jaxselm.data import tokenizer as tk
 from jaxselm.data import tokenizer_base as tb
@@ -40,52 +41,22 @@ MESSAGES = [
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     """A small byte-level BPE tokenizer.json and a tokenizer_config.json with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    d = tmp_path_factory.mktemp("hf_tok")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    bpe.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<s>",
-                "eos_token": {"content": "</s>", "__type": "AddedToken"},
-                "pad_token": "<pad>",
-                "chat_template": TEMPLATE,
-                "tokenizer_class": "PreTrainedTokenizerFast",
-            }
-        )
-    )
+    config = {
+        "bos_token": "<s>",
+        "eos_token": {"content": "</s>", "__type": "AddedToken"},
+        "pad_token": "<pad>",
+        "chat_template": TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    d = train_bpe_dir(tmp_path_factory.mktemp("hf_tok"), CORPUS, 400, config)
     return d
 
 
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory):
     """A tiny SentencePiece BPE model trained on English + Chinese, with byte fallback."""
-    import sentencepiece as spm
-
     d = tmp_path_factory.mktemp("sp_tok")
-    (d / "corpus.txt").write_text("\n".join(CORPUS), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"),
-        model_prefix=str(d / "tokenizer"),
-        vocab_size=400,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        pad_id=3,
-        minloglevel=2,
-    )
-    (d / "corpus.txt").unlink()
+    train_sentencepiece(d, CORPUS, "tokenizer", pad_id=3)
     (d / "tokenizer_config.json").write_text(
         json.dumps(
             {

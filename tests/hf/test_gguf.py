@@ -17,13 +17,13 @@
 * Bad files and unexportable models give one-line errors naming the file, key or tensor.
 """
 
-import json
 import os
 import shutil
 
 import jax
 import numpy as np
 import pytest
+from tiny_tokenizers import train_bpe_dir, train_sentencepiece
 
 gguf = pytest.importorskip("gguf")
 
@@ -334,23 +334,11 @@ def test_tiny_export_reads_back(case, dtype, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_bpe(tmp_path_factory):
     """A small byte-level BPE tokenizer.json (GPT-2 pre-tokenizer) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    d = tmp_path_factory.mktemp("bpe")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
     corpus = ["The quick brown fox jumps over the lazy dog.", "Hello world, how are you? 12345"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(corpus * 10, trainer)
-    bpe.save(str(d / "tokenizer.json"))
     template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-    (d / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    d = train_bpe_dir(tmp_path_factory.mktemp("bpe"), corpus * 10, 300,
+                      {**config, "chat_template": template})  # fmt: skip
     return load_tokenizer(d)
 
 
@@ -403,18 +391,7 @@ def test_sentencepiece_style_gguf_tokenizer_matches_transformers(tmp_path):
         "我们今天去北京看长城。你好，世界！",
         "机器学习 and deep learning 深度学习 are popular.",
     ]
-    (tmp_path / "corpus.txt").write_text("\n".join(corpus * 10), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "corpus.txt"),
-        model_prefix=str(tmp_path / "sp"),
-        vocab_size=400,
-        model_type="bpe",
-        character_coverage=1.0,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        user_defined_symbols=["<|user|>"],
-        minloglevel=2,
-    )
+    train_sentencepiece(tmp_path, corpus * 10, "sp", user_defined_symbols=["<|user|>"])
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]

@@ -74,6 +74,19 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [r for r in recs if r["kind"] != "time"]
 
 
+def _pair_env(tmp: Path, port: int, pid: int, *, timeout_s: int, **extra: str) -> dict[str, str]:
+    """The environment of process ``pid`` of a 2 x 4 run coordinated on 127.0.0.1:``port``."""
+    return _env(
+        tmp,
+        4,
+        JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
+        JAXSELM_NUM_PROCESSES="2",
+        JAXSELM_PROCESS_ID=str(pid),
+        JAXSELM_INIT_TIMEOUT=str(timeout_s),
+        **extra,
+    )
+
+
 def _run_pair(
     tmp: Path,
     argv: list[str],
@@ -85,16 +98,8 @@ def _run_pair(
     port = _free_port()
     pair = []
     for pid in range(2):
-        env = _env(
-            tmp,
-            4,
-            JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
-            JAXSELM_NUM_PROCESSES="2",
-            JAXSELM_PROCESS_ID=str(pid),
-            JAXSELM_INIT_TIMEOUT="120",
-            **(env_all or {}),
-            **((env1 or {}) if pid == 1 else {}),
-        )
+        extra = {**(env_all or {}), **((env1 or {}) if pid == 1 else {})}
+        env = _pair_env(tmp, port, pid, timeout_s=120, **extra)
         pair.append(
             subprocess.Popen(
                 argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -110,7 +115,18 @@ def _run_pair(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    for pid, (rc, _, err) in enumerate(results):
+        assert rc == 0, f"process {pid}:\n{err[-4000:]}"
     return results
+
+
+def _run_single(tmp: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """``argv`` as one process with 8 devices (what the pair must equal); it must succeed."""
+    res = subprocess.run(
+        argv, env=_env(tmp, 8), capture_output=True, text=True, check=False, timeout=TIMEOUT_S
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -123,19 +139,8 @@ def runs(tmp_path_factory):
     results = _run_pair(
         tmp, _cmd(cfg, tmp / "pair"), env_all={"JAXSELM_READ_LOG": str(tmp / "reads")}
     )
-    for pid, (rc, _, err) in enumerate(results):
-        assert rc == 0, f"process {pid}:\n{err[-4000:]}"
     outs = [(out, err) for _, out, err in results]
-
-    single = subprocess.run(
-        _cmd(cfg, tmp / "single"),
-        env=_env(tmp, 8),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=TIMEOUT_S,
-    )
-    assert single.returncode == 0, single.stderr[-4000:]
+    single = _run_single(tmp, _cmd(cfg, tmp / "single"))
     return tmp, outs, single
 
 
@@ -337,22 +342,12 @@ def test_pair_offline_on_a_prompts_file_prepares_once_and_reads_slices(tmp_path)
     cfg = tmp_path / "prefs.yaml"
     cfg.write_text(PREFS_CFG.format(out=tmp_path / "unused", prefs=prefs))
     train = [sys.executable, "-m", "jaxselm", "train", "--config", str(cfg)]
-    pair = _run_pair(
+    _run_pair(
         tmp_path,
         [*train, f"run.output_dir={tmp_path / 'pair'}"],
         env_all={"JAXSELM_READ_LOG": str(tmp_path / "reads")},
     )
-    for pid, (rc, _, err) in enumerate(pair):
-        assert rc == 0, f"process {pid}:\n{err[-4000:]}"
-    single = subprocess.run(
-        [*train, f"run.output_dir={tmp_path / 'single'}"],
-        env=_env(tmp_path, 8),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=TIMEOUT_S,
-    )
-    assert single.returncode == 0, single.stderr[-4000:]
+    _run_single(tmp_path, [*train, f"run.output_dir={tmp_path / 'single'}"])
     for t in (0, 1):
         a = _params(tmp_path / "pair" / "policy" / f"iter_{t:02d}")
         b = _params(tmp_path / "single" / "policy" / f"iter_{t:02d}")
@@ -411,19 +406,9 @@ def test_hf_export_of_params_sharded_across_hosts(tmp_path):
     script = tmp_path / "export.py"
     script.write_text(HF_EXPORT)
     pair = _run_pair(tmp_path, [sys.executable, str(script), str(tmp_path / "pair"), "distributed"])
-    for pid, (rc, _, err) in enumerate(pair):
-        assert rc == 0, f"process {pid}:\n{err[-4000:]}"
     outs = [out for _, out, _ in pair]
     assert all("split leaves: 0" not in o and "split leaves:" in o for o in outs), outs
-    single = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "single")],
-        env=_env(tmp_path, 8),
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=TIMEOUT_S,
-    )
-    assert single.returncode == 0, single.stderr[-4000:]
+    _run_single(tmp_path, [sys.executable, str(script), str(tmp_path / "single")])
     pair_files = sorted(p.name for p in (tmp_path / "pair").iterdir())
     assert pair_files == sorted(p.name for p in (tmp_path / "single").iterdir())
     assert "model.safetensors.index.json" in pair_files and len(pair_files) > 3  # several shards
@@ -455,14 +440,7 @@ def test_process_without_its_peer_fails_fast(tmp_path, process_id):
         tmp_path, "tiny", tmp_path / "out", judge="mp_judge", batch_size=8, tensorboard=False
     )
     port = _free_port()
-    env = _env(
-        tmp_path,
-        4,
-        JAXSELM_COORDINATOR=f"127.0.0.1:{port}",
-        JAXSELM_NUM_PROCESSES="2",
-        JAXSELM_PROCESS_ID=str(process_id),
-        JAXSELM_INIT_TIMEOUT="8",
-    )
+    env = _pair_env(tmp_path, port, process_id, timeout_s=8)
     start = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "jaxselm", "online", "--config", str(cfg)],
