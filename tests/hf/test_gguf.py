@@ -437,6 +437,40 @@ def test_sentencepiece_style_gguf_tokenizer_matches_transformers(tmp_path):
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours.encode(text)
 
 
+QUANT_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"]
+# K-quant superblocks (256 values) the gguf package can read but not write: (bytes per block,
+# byte offsets of their float16 scales). Random bytes with small finite scales are valid blocks.
+K_BLOCKS = {"Q4_K": (144, (0, 2)), "Q6_K": (210, (208,))}
+
+
+@pytest.mark.parametrize("qtype", QUANT_TYPES)
+def test_quantized_tensor_types_load(qtype, tmp_path):
+    """A tensor stored in each quantization type a llama.cpp file commonly holds is
+    dequantized by the gguf package and lands in our layout (down_proj: HF [E, F] -> ours
+    [F, E]), exactly as the package's own dequantization of those bytes."""
+    t = gguf.GGMLQuantizationType[qtype]
+    cfg, params = _tiny("gqa_untied", hidden_size=256, intermediate_size=256)
+    good = save_gguf_checkpoint(cfg, params, tmp_path / "f32.gguf")
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(256, 256)).astype(np.float32)  # [out E, in F]
+    if qtype in K_BLOCKS:
+        size, scales = K_BLOCKS[qtype]
+        raw = rng.integers(0, 256, size=(256, 256 // 256 * size), dtype=np.uint8)
+        blocks = raw.reshape(-1, size)
+        for off in scales:
+            blocks[:, off : off + 2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+    else:
+        raw = gguf.quants.quantize(w, t)
+    path = _copy_gguf(good, tmp_path / f"{qtype}.gguf", tensor=("blk.0.ffn_down.weight", raw, t))
+    _, loaded = load_gguf_checkpoint(path)
+    want = gguf.quants.dequantize(raw, t).reshape(256, 256).T  # ours: [F, E]
+    got = np.asarray(loaded["layers"]["mlp"]["down_proj"]["kernel"][0])
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    if qtype not in K_BLOCKS:  # the weights survive, up to one quantization step
+        steps = {"F16": 2**-10, "BF16": 2**-7, "Q8_0": 1 / 127, "Q4_0": 1 / 7, "Q4_1": 1 / 15}
+        np.testing.assert_allclose(got, w.T, atol=np.abs(w).max() * steps[qtype])
+
+
 # --------------------------------------------------------------------------------------------
 # Bad inputs
 # --------------------------------------------------------------------------------------------
