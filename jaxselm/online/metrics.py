@@ -154,22 +154,25 @@ def phase_times(records: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
     return out
 
 
+def _cell(value: Any, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value).strip()
+
+
 def format_table(
     records: list[dict[str, Any]], times: dict[int, dict[str, float]] | None = None
 ) -> str:
     """The per-iteration table of ``records`` (the metrics file's "iteration" records), with the
     iteration's wall time and its largest phases when ``times`` (:func:`phase_times`) is given."""
-    columns = TABLE_COLUMNS + ([("time", "time", "{:>7.1f}")] if times else [])
-    head = " | ".join(name for name, _, _ in columns)
-    lines = [head, "-" * len(head)]
+    columns = TABLE_COLUMNS + ([("time", "time", "{:.1f}")] if times else [])
+    rows = []
     for r in sorted(records, key=lambda r: r["iteration"]):
         if times:
             r = {**r, "time": sum(times.get(r["iteration"], {}).values()) or None}
-        cells = []
-        for name, key, fmt in columns:
-            v = r.get(key)
-            cells.append(fmt.format(v).rjust(len(name)) if v is not None else "-".rjust(len(name)))
-        lines.append(" | ".join(cells))
+        rows.append([_cell(r.get(key), fmt) for _, key, fmt in columns])
+    widths = [max(len(c[0]), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    head = " | ".join(name.rjust(w) for (name, _, _), w in zip(columns, widths))
+    lines = [head, "-" * len(head)]
+    lines += [" | ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     if times:
         lines.append(
             "time: seconds of this process per iteration; by phase: "
