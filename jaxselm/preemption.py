@@ -8,12 +8,14 @@ the signal it saves what it must and raises :class:`Preempted`, which the CLI tu
 ``fault_point(name)`` is the hook the resume tests use: with ``JAXSELM_FAULT_AT=<name>`` in the
 environment the process sends itself SIGKILL there (or the signal named by
 ``JAXSELM_FAULT_SIGNAL``, e.g. ``TERM``), so a kill lands at an exact point on any machine speed.
+Every phase of an online iteration ends with the point ``iter<t>/<phase>/done``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV_FAULT_AT = "JAXSELM_FAULT_AT"
 ENV_FAULT_SIGNAL = "JAXSELM_FAULT_SIGNAL"
@@ -46,7 +48,12 @@ class SigtermFlag:
 
 
 def fault_point(name: str) -> None:
-    """Signal this process at ``name`` when ``JAXSELM_FAULT_AT`` names it (tests only)."""
-    if os.environ.get(ENV_FAULT_AT) == name:
-        sig = getattr(signal, "SIG" + os.environ.get(ENV_FAULT_SIGNAL, "KILL"))
-        os.kill(os.getpid(), sig)
+    """Signal this process at ``name`` when ``JAXSELM_FAULT_AT`` names it (a comma-separated
+    list of names; tests only). ``JAXSELM_FAULT_SIGNAL=SLEEP`` pauses 5 s there instead: one
+    host of a pair arriving late, which must not change any decision the hosts take."""
+    if name in os.environ.get(ENV_FAULT_AT, "").split(","):
+        what = os.environ.get(ENV_FAULT_SIGNAL, "KILL")
+        if what == "SLEEP":
+            time.sleep(5.0)
+            return
+        os.kill(os.getpid(), getattr(signal, "SIG" + what))

@@ -210,11 +210,23 @@ class RunConfig(FrozenConfig):
         ):
             detail = "no preset and no model keys: give a preset, the keys, or an init.checkpoint"
             raise ConfigError(f"model: {detail}", path=("model",), detail=detail)
-        try:
-            path = resolve_path(path) if isinstance(path, str) else path
-        except FileNotFoundError:
-            return data  # init.checkpoint's own check reports it
-        if not isinstance(path, str) or not os.path.exists(path) or not isinstance(given, dict):
+        if isinstance(path, str):
+            # Reported here, before the model section (which the checkpoint was to supply)
+            # would report its missing keys instead of the real culprit.
+            try:
+                resolved = resolve_path(path)
+            except FileNotFoundError as err:
+                detail = str(err)
+                raise ConfigError(
+                    f"init.checkpoint: {detail}", path=("init", "checkpoint"), detail=detail
+                ) from None
+            if not os.path.exists(resolved):
+                detail = f"not found: {path}"
+                raise ConfigError(
+                    f"init.checkpoint: {detail}", path=("init", "checkpoint"), detail=detail
+                )
+            path = resolved
+        if not isinstance(path, str) or not isinstance(given, dict):
             return data  # the sections' own checks report what is wrong
         found = read_model_config(path)
         if found is None:  # an export saved without its model config: the model section rules

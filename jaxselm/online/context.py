@@ -38,7 +38,7 @@ from jaxselm.online.config import RunConfig
 from jaxselm.online.metrics import MetricsWriter
 from jaxselm.online.prompts import PromptSet, build_tokenizer
 from jaxselm.parallel.mesh import make_mesh, single_device_mesh
-from jaxselm.parallel.multihost import any_process, barrier, is_primary
+from jaxselm.parallel.multihost import any_process, barrier, from_primary, is_primary
 from jaxselm.preemption import Preempted
 from jaxselm.train import ReferenceFn, make_reference_fn, params_shardings_for, save_params
 
@@ -153,6 +153,12 @@ class RunContext:
         ]
 
     # -- files -------------------------------------------------------------------------------
+    def exists(self, path: Path) -> bool:
+        """Whether ``path`` exists as process 0 sees it, agreed by every process: the resume
+        decisions ("this phase's file is there: skip the phase") are taken with it, so all hosts
+        take the same branch (a collective with several hosts)."""
+        return bool(from_primary(Path(path).exists()))
+
     def write_json(self, path: Path, obj: Any) -> None:
         """Process 0 writes; every process waits until the file is there."""
         if is_primary():

@@ -44,7 +44,7 @@ from jaxselm.online.context import RunContext
 from jaxselm.online.evaluation import EVAL, evaluate, evaluation_record
 from jaxselm.online.metrics import MetricsWriter, format_table, phase_times, plot_iterations
 from jaxselm.online.rollout import Generation
-from jaxselm.parallel.multihost import barrier, is_primary
+from jaxselm.parallel.multihost import barrier, from_primary, is_primary
 from jaxselm.preemption import Preempted, SigtermFlag, fault_point
 from jaxselm.train.checkpoint import latest_step
 
@@ -111,7 +111,7 @@ class Run:
     def _iteration_zero(self, *, count: bool = True) -> None:
         ctx = self.ctx
         self._truncate_metrics(0)
-        if not ctx.policy_dir(0).exists():
+        if not ctx.exists(ctx.policy_dir(0)):
             with self._timed(0, "init"):
                 params = phases.initial_params(ctx)
             if ctx.cfg.sft.steps > 0:
@@ -128,19 +128,19 @@ class Run:
         self._truncate_metrics(t)
         d.mkdir(parents=True, exist_ok=True)
         ref_params = ctx.load_policy(t - 1)  # pi_ref: the iteration-start policy
-        if not ctx.policy_dir(t).exists():
+        if not ctx.exists(ctx.policy_dir(t)):
             if offline:
                 with self._timed(t, "pairs"):
                     phases.offline_pairs(ctx, t, ref_params, whole_file=whole_file)
             else:
-                if not (d / phases.GENERATE).exists():
+                if not ctx.exists(d / phases.GENERATE):
                     with self._timed(t, "generate"):
                         phases.generate(ctx, t, ref_params)
-                if not (d / phases.JUDGE).exists():
+                if not ctx.exists(d / phases.JUDGE):
                     with self._timed(t, "judge"):
                         phases.judge(ctx, t, Generation.load(d / phases.GENERATE))
             pairs = phases.load_pairs(ctx, t)
-            if (d / phases.REFERENCE).exists():
+            if ctx.exists(d / phases.REFERENCE):
                 ref = phases.load_reference(ctx, t)
             else:
                 with self._timed(t, "reference"):
@@ -156,7 +156,7 @@ class Run:
 
     def _evaluate(self, t: int, ref_params: Any) -> None:
         ctx = self.ctx
-        if (ctx.iter_dir(t) / EVAL).exists():  # done before a kill: re-emit its record
+        if ctx.exists(ctx.iter_dir(t) / EVAL):  # done before a kill: re-emit its record
             ctx.metrics.write("iteration", t, evaluation_record(ctx, t), iteration=t)
         else:
             with self._timed(t, "eval"):
@@ -170,6 +170,7 @@ class Run:
         yield
         seconds = round(time.perf_counter() - start, 3)
         self.ctx.metrics.write("time", t, {f"{phase}_s": seconds}, iteration=t)
+        fault_point(f"iter{t}/{phase}/done")
 
     # -- resume bookkeeping ------------------------------------------------------------------
     def _truncate_metrics(self, t: int) -> None:
@@ -177,7 +178,7 @@ class Run:
         its training records after the last checkpoint (all of them are kept once its policy is
         saved, since training is then not redone); every record of later iterations."""
         ctx = self.ctx
-        trained = ctx.policy_dir(t).exists()
+        trained = ctx.exists(ctx.policy_dir(t))
         ckpt = (
             None
             if trained
@@ -203,8 +204,9 @@ class Run:
         ctx = self.ctx
         ctx.out.mkdir(parents=True, exist_ok=True)
         barrier("prepare output_dir")
+        fault_point("session")
         digest = config_digest(ctx.cfg)
-        if (ctx.out / STATE).exists():
+        if ctx.exists(ctx.out / STATE):
             if read_json(ctx.out / STATE).get("config_digest") != digest:
                 raise ConfigError(
                     f"run.output_dir: {ctx.out} holds a run with different "
@@ -242,7 +244,8 @@ class Run:
         return 0
 
     def _completed(self) -> int:
-        return int(read_json(self.ctx.out / STATE)["completed_iterations"])
+        # process 0's reading, on every process (each reading for itself races with its write)
+        return from_primary(read_json(self.ctx.out / STATE)["completed_iterations"])
 
     def _set_completed(self, t: int) -> None:
         self.ctx.write_json(

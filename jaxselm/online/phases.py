@@ -257,7 +257,7 @@ def offline_pairs(ctx: RunContext, t: int, ref_params: Any, *, whole_file: bool)
         n, fetch = prompts.training_size(), prompts.training_rows
     else:
         n, fetch = prompts.iteration_size(t), lambda pos: prompts.iteration(t, pos)
-    if not (d / GENERATE).exists():
+    if not ctx.exists(d / GENERATE):
         gen, recs = rollout(
             ctx,
             ref_params,
@@ -272,7 +272,7 @@ def offline_pairs(ctx: RunContext, t: int, ref_params: Any, *, whole_file: bool)
         )
         share_records(d / "prompts", recs)
         gen.save(d / GENERATE, ctx)
-    if not (d / JUDGE).exists():
+    if not ctx.exists(d / JUDGE):
         if is_primary():
             recs = shared_records(d / "prompts", n)
             pairs = [
@@ -299,7 +299,7 @@ def load_pairs(ctx: RunContext, t: int) -> PairSet:
     d = ctx.iter_dir(t)
     gen = Generation.load(d / GENERATE)
     samples = gen.responses()
-    if (d / REFRESP).exists():  # greedy y_ref, referenced after the samples
+    if ctx.exists(d / REFRESP):  # greedy y_ref, referenced after the samples
         samples += Generation.load(d / REFRESP).responses()
     pairs = read_json(d / JUDGE)["pairs"]
     return PairSet(pairs, gen.prompt_ids(), samples, ctx.prompts.encode_response, ctx.pad_id)

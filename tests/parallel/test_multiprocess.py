@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +41,7 @@ def _env(tmp: Path, devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXSELM_")}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONFAULTHANDLER"] = "1"  # stacks on SIGABRT: what a hung pair was doing
     env["PYTHONPATH"] = os.pathsep.join([str(tmp), env.get("PYTHONPATH", "")])
     env.update(extra)
     return env
@@ -106,10 +108,23 @@ def _run_pair(
             )
         )
     results = []
+    deadline = time.monotonic() + TIMEOUT_S
     try:
         for proc in pair:
-            stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+            stdout, stderr = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
             results.append((proc.returncode, stdout, stderr))
+    except subprocess.TimeoutExpired:
+        # A hung pair (e.g. the processes took different decisions and wait in different
+        # collectives): SIGABRT makes faulthandler print every process's Python stacks.
+        dumps = []
+        for pid, proc in enumerate(pair):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate()
+            dumps.append(
+                f"--- process {pid} (rc {proc.returncode}) ---\n{out[-3000:]}{err[-6000:]}"
+            )
+        pytest.fail(f"the pair did not finish in {TIMEOUT_S} s:\n" + "\n".join(dumps))
     finally:
         for proc in pair:
             if proc.poll() is None:
@@ -136,8 +151,14 @@ def runs(tmp_path_factory):
         tmp, "tiny", tmp / "unused", judge="mp_judge", batch_size=8, tensorboard=False
     )
 
+    # Process 1 arrives 5 s late where the hosts decide from files process 0 has just written
+    # (run.json at the start, judge.json after generating): they must still decide together.
+    late = {"JAXSELM_FAULT_AT": "session,iter1/generate/done", "JAXSELM_FAULT_SIGNAL": "SLEEP"}
     results = _run_pair(
-        tmp, _cmd(cfg, tmp / "pair"), env_all={"JAXSELM_READ_LOG": str(tmp / "reads")}
+        tmp,
+        _cmd(cfg, tmp / "pair"),
+        env1=late,
+        env_all={"JAXSELM_READ_LOG": str(tmp / "reads")},
     )
     outs = [(out, err) for _, out, err in results]
     single = _run_single(tmp, _cmd(cfg, tmp / "single"))
