@@ -44,16 +44,39 @@ def _fix_floats(node: Any) -> Any:
     return node
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice in one mapping is an error (plain
+    YAML loading keeps the last one silently: a setting the user wrote would be ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML mapping from ``path``; a missing file or bad YAML is a one-line ConfigError."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, expected a YAML file") from None
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x})"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -69,6 +92,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """A copy of ``data`` with each ``a.b.c=value`` override set."""
     out = _deep_copy(data)
+    given: dict[str, str] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. online.iterations=3)")
@@ -76,6 +100,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty key")
+        name = ".".join(parts)
+        if name in given:  # which one was meant? (taking the last would hide a typo)
+            raise ConfigError(f"override {name}: given twice ({given[name]!r} and {item!r})")
+        given[name] = item
         node = out
         for p in parts[:-1]:
             child = node.get(p)

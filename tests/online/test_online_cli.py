@@ -63,6 +63,31 @@ def test_bad_yaml_names_line(tmp_path, capsys):
     assert code == 2 and "bad.yaml" in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        (b"run:\n  seed: 1\n  note: caf\xe9\n", "line 3: not UTF-8 text (byte 0xe9)"),
+        (b"run:\n  seed: 1\n  seed: 2\n", "key 'seed' given twice"),
+        (b"run: {seed: 1}\nrun: {seed: 2}\n", "key 'run' given twice"),
+    ],
+    ids=["latin1", "duplicate-key", "duplicate-section"],
+)
+def test_unreadable_config_names_file_and_line(tmp_path, capsys, text, needle):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(text)
+    code, err = _run_main(capsys, ["online", "--config", str(bad)])
+    assert code == 2 and "bad.yaml" in err and needle in err, err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_same_override_twice_is_an_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["online", "--config", str(DEMO), f"run.output_dir={out}"]
+    code, err = _run_main(capsys, [*argv, "online.iterations=2", "online.iterations =3"])
+    assert code == 2 and "override online.iterations: given twice" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_llm_judge_without_api_key_env(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("JAXSELM_TEST_KEY", raising=False)
     cfg = tmp_path / "llm.yaml"

@@ -237,6 +237,42 @@ def test_launch(tmp_path):
     )
 
 
+SECRET = "sk-t0p $ecret'\"value"  # quotes, $ and a space: it must arrive unchanged
+
+
+def test_launch_secret_never_on_a_command_line(tmp_path):
+    env = _env(tmp_path, **SETTINGS, JUDGE_API_KEY=SECRET)
+    res = _run("launch", "--dry-run", "--secret", "JUDGE_API_KEY", "--", "online", env=env)
+    assert res.returncode == 0, res.stderr
+    assert SECRET not in res.stdout + res.stderr
+    scp, ssh = res.stdout.splitlines()
+    assert scp == (
+        f"gcloud compute tpus tpu-vm scp SECRETS_FILE selm-pod:.jaxselm-run.secrets {SCOPE} "
+        "--worker=all"
+    )
+    _, remote = _ssh(ssh)
+    assert remote.startswith(
+        "set -e; set -a; . ./.jaxselm-run.secrets; set +a; rm -f ./.jaxselm-run.secrets; "
+    )
+    assert not list(tmp_path.glob("tmp*"))  # a dry run writes no secrets file
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--env", "HF_TOKEN=hf_abc"], "--env HF_TOKEN: looks like a secret; use --secret"),
+        (["--env", "openai_api_key=x"], "--env openai_api_key: looks like a secret"),
+        (["--secret", "NOT_SET_ANYWHERE"], "--secret NOT_SET_ANYWHERE: not set in this"),
+        (["--secret", "BAD-NAME"], "--secret: expected a variable name, got 'BAD-NAME'"),
+    ],
+)
+def test_launch_refuses_secret_on_command_line(tmp_path, args, message):
+    res = _run("launch", "--dry-run", *args, "--", "online", env=_env(tmp_path, **SETTINGS))
+    assert res.returncode == 2 and res.stdout == "", res.stdout
+    assert res.stderr.startswith(f"tpu/launch.sh: error: {message}"), res.stderr
+    assert "hf_abc" not in res.stderr and len(res.stderr.splitlines()) == 1
+
+
 def test_logs_and_stop(tmp_path):
     (line,) = _dry("logs", tmp_path=tmp_path)
     argv, remote = _ssh(line)
@@ -315,7 +351,12 @@ def test_bad_values_are_one_line_errors(tmp_path):
             {},
             "no jaxselm command given (e.g. -- online --config configs/zephyr-7b.yaml)",
         ),
-        ("launch", ["--env", "1X=2", "--", "online"], {}, "--env: expected KEY=VALUE, got '1X=2'"),
+        (
+            "launch",
+            ["--env", "1X=2", "--", "online"],
+            {},
+            "--env: expected KEY=VALUE, got '1X=...'",
+        ),
         ("logs", ["--worker", "w1"], {}, "--worker: expected a number or 'all', got 'w1'"),
         ("stop", ["--grace", "soon"], {}, "--grace: expected a number of seconds, got 'soon'"),
         ("delete", ["extra"], {}, "unexpected argument 'extra' (see --help)"),
@@ -330,12 +371,17 @@ def test_bad_values_are_one_line_errors(tmp_path):
 FAKE_GCLOUD = r'''#!{python}
 """gcloud stand-in: `compute tpus tpu-vm ssh NAME --worker=W --command=C` runs C with bash in
 WORKERS_ROOT/worker<i> (its HOME) for each selected worker."""
-import os, subprocess, sys
+import os, shutil, subprocess, sys
 args = sys.argv[1:]
+root = os.environ["WORKERS_ROOT"]
+if args[:4] == ["compute", "tpus", "tpu-vm", "scp"]:  # scp SRC NAME:DEST --worker=all
+    src, dest = args[4], args[5].split(":", 1)[1]
+    for i in range(2):
+        shutil.copy(src, os.path.join(root, f"worker{{i}}", dest))  # keeps the mode, as scp
+    sys.exit(0)
 assert args[:4] == ["compute", "tpus", "tpu-vm", "ssh"], args
 worker = next(a.split("=", 1)[1] for a in args if a.startswith("--worker="))
 command = next(a.split("=", 1)[1] for a in args if a.startswith("--command="))
-root = os.environ["WORKERS_ROOT"]
 rc = 0
 for i in (range(2) if worker == "all" else [int(worker)]):
     home = os.path.join(root, f"worker{{i}}")
@@ -349,6 +395,7 @@ sys.exit(rc)
 FAKE_JAXSELM = """#!/usr/bin/env bash
 echo "args: $*"
 echo "HF_HOME=$HF_HOME"
+echo "JUDGE_API_KEY has ${#JUDGE_API_KEY} characters"
 trap 'echo "SIGTERM: checkpoint saved"; exit 0' TERM
 while true; do sleep 0.1; done
 """
@@ -391,27 +438,35 @@ def test_launch_logs_stop_rehearsal(tmp_path):
             "demo",
             "--env",
             "HF_HOME=/mnt/hf",
+            "--secret",
+            "JUDGE_API_KEY",
             "--",
             "online",
             "--config",
             "configs/demo.yaml",
             "run.output_dir=/shared/runs/a b",
-            env=env,
+            env={**env, "JUDGE_API_KEY": SECRET},
         )
         assert res.returncode == 0, res.stderr
         assert res.stdout.count("started demo (pid ") == 2
+        assert SECRET not in res.stdout + res.stderr
         for log in logs:
-            assert _wait_for(lambda log=log: log.is_file() and "HF_HOME" in log.read_text())
-            assert log.read_text().splitlines()[:2] == [
+            assert _wait_for(lambda log=log: log.is_file() and "characters" in log.read_text())
+            assert log.read_text().splitlines()[:3] == [
                 "args: --distributed online --config configs/demo.yaml "
                 "run.output_dir=/shared/runs/a b",
                 "HF_HOME=/mnt/hf",
+                f"JUDGE_API_KEY has {len(SECRET)} characters",  # arrived whole
             ]
+        for i in range(2):  # the copied secrets file is read and gone before the command runs
+            assert not list((workers / f"worker{i}").glob(".jaxselm-*")), i
+        assert not list(tmp_path.glob("tmp*"))  # nor is the local one left behind
         again = _run("launch", "--name", "demo", "--", "online", env=env)
         assert again.returncode != 0 and "demo is already running on" in again.stderr
 
         shown = _run("logs", "--name", "demo", "--worker", "all", "--lines", "1", env=env)
-        assert shown.returncode == 0 and shown.stdout.splitlines() == ["HF_HOME=/mnt/hf"] * 2
+        assert shown.returncode == 0
+        assert shown.stdout.splitlines() == [f"JUDGE_API_KEY has {len(SECRET)} characters"] * 2
 
         stopped = _run("stop", "--name", "demo", "--grace", "20", env=env)
         assert stopped.returncode == 0, stopped.stderr
