@@ -65,6 +65,11 @@ class Judge(abc.ABC):
             for k in self._counters:
                 self._counters[k] = 0
 
+    def check(self) -> None:
+        """Raise a one-line JudgeError if the judge cannot work at all (e.g. an endpoint nobody
+        answers at); a run calls it once before any work. Nothing to check by default."""
+        return None
+
     # ---------------------------------------------------------------------------- scoring
     def score(self, prompts: Sequence[str], responses: Sequence[Response]) -> np.ndarray:
         """Scores float64 [N] of the items ``(prompts[i], responses[i])``; NaN = not scored."""

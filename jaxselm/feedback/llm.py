@@ -21,6 +21,10 @@ Failure handling, so a flaky server costs items, not runs:
   ``retry-after-ms`` / ``Retry-After`` header asks for (rate-limited APIs send it with 429). A
   question that still fails is NaN, counted in ``failures``, with one warning naming the URL and
   the reason;
+* a connection error before the server has ever answered (refused, unknown host: a wrong
+  ``base_url`` or a server that is not up) raises a one-line JudgeError at once, so a run stops at
+  its first judge call instead of failing every question; once it has answered, connection errors
+  are retried and counted like timeouts;
 * 401/403/404 mean every request will fail the same way (bad key, wrong URL or model): they raise
   a one-line JudgeError at once and the questions still queued are not sent; other 4xx (e.g. 400
   for one over-long prompt) are not retried and mark that item NaN;
@@ -163,6 +167,9 @@ class LLMJudge(Judge):
         super().__init__(extra_counters=_COUNTERS)
         self.config = config
         self.url = config.base_url + "/chat/completions"
+        # Whether the server has ever answered (any HTTP status): until then a connection error
+        # stops the run at once (one line) instead of failing every question with a warning.
+        self._reached = False
         # Our own HTTP client, only to count what the openai client does inside (its retries).
         self._http = _CountingHttpClient(self._count, self._count_max)
         self._client = openai.OpenAI(
@@ -190,6 +197,30 @@ class LLMJudge(Judge):
         out["latency_s_mean"] = out["latency_s_total"] / ok if ok > 0 else 0.0
         return out
 
+    def check(self) -> None:
+        """One ``GET {base_url}/models`` (every OpenAI-compatible server has it) before a run:
+        no connection, or a key the server refuses, stops the run now with one line instead of
+        after generating an iteration. Any other answer (even 404) shows the server is there."""
+        try:
+            self._client.models.list()
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
+            hint = (
+                f" (check the key in ${self.config.api_key_env})" if self.config.api_key_env else ""
+            )
+            raise JudgeError(
+                f"judge: HTTP {err.status_code} from {self.config.base_url}/models{hint}"
+            ) from None
+        except openai.APIConnectionError as err:
+            if isinstance(err, openai.APITimeoutError):
+                return  # slow, not absent: the questions have their own timeouts and retries
+            raise JudgeError(
+                f"judge: cannot reach {self.config.base_url} (connection error, "
+                f"{type(err.__cause__).__name__}); is the server running?"
+            ) from None
+        except (openai.APIStatusError, json.JSONDecodeError):
+            pass
+        self._reached = True
+
     # ------------------------------------------------------------------------------ HTTP
     def _ask(self, content: str, abort: threading.Event) -> Any:
         """One question (the client retries it); the reply text, None (no text) or _FAILED.
@@ -215,17 +246,28 @@ class LLMJudge(Judge):
                 hint = f" (check base_url and model {c.model!r})"
             raise JudgeError(f"judge: HTTP {err.status_code} from {self.url}{hint}") from None
         except openai.APIStatusError as err:
+            self._reached = True
             why = f"HTTP {err.status_code}"
         except openai.APITimeoutError:
             why = f"timed out after {c.timeout_s:g} s"
         except openai.APIConnectionError as err:
             why = f"connection error ({type(err.__cause__).__name__})"
+            if not self._reached:  # nothing ever answered: a wrong URL or a server that is down
+                abort.set()
+                raise JudgeError(
+                    f"judge: cannot reach {self.url} ({why} after "
+                    f"{self._http.thread.attempts} attempt(s)); is the server running?"
+                ) from None
         except json.JSONDecodeError:
+            self._reached = True
             return None  # a 2xx reply whose body is not JSON
         else:
+            self._reached = True
             return _content(reply)
         finally:
             self._count("retries", max(0, self._http.thread.attempts - 1))
+        if abort.is_set():  # the run is stopping on another question's error: no more noise
+            return _FAILED
         attempts = self._http.thread.attempts
         log.warning("judge request to %s failed after %d attempt(s): %s", self.url, attempts, why)
         return _FAILED

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxselm.checkpoints import checkpoint_tokenizer, load_checkpoint, read_model_config
 from jaxselm.data.tokenizer import Tokenizer
-from jaxselm.errors import CheckpointError, ConfigError
+from jaxselm.errors import CheckpointError, ConfigError, JudgeError
 from jaxselm.feedback import (
     Judge,
     ProgrammaticJudgeConfig,
@@ -72,8 +72,11 @@ class RunContext:
                 f"model.vocab_size: {model.vocab_size} is smaller than the "
                 f"tokenizer's {tok.vocab_size} tokens"
             )
-        # Built before any work: a bad judge spec (import, env var, checkpoint) fails at once.
+        # Built and checked before any work: a bad judge spec (import, env var, checkpoint) or
+        # an LLM endpoint nobody answers at fails at once.
         judge = build_judge(cfg, tok, config_dir) if with_judge else None
+        if judge is not None:
+            check_judge(judge)
         mesh = make_mesh(cfg.mesh)
         prompts = PromptSet(cfg, tok, Path(cfg.run.output_dir))
         return cls(
@@ -196,6 +199,18 @@ class RunContext:
     def load_params(self, path: str | Path) -> Any:
         """An LM checkpoint of any kind, checked against the run's model, laid out on the mesh."""
         return load_checkpoint(path, model_config=self.model, mesh=self.mesh)[1]
+
+
+def check_judge(judge: Judge) -> None:
+    """``judge.check()`` on process 0 (the one that calls the judge); its error on every process."""
+    failed: JudgeError | None = None
+    if is_primary():
+        try:
+            judge.check()
+        except JudgeError as err:
+            failed = err
+    if any_process(failed is not None):
+        raise failed or JudgeError("judge: the judge check failed on process 0 (its log says why)")
 
 
 def build_judge(cfg: RunConfig, tokenizer: Tokenizer, config_dir: str | None = None) -> Judge:

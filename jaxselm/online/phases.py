@@ -240,6 +240,24 @@ def _text_or_none(x: Any) -> str | None:
     return text_of(x) if x else None
 
 
+def no_pairs_reason(ctx: RunContext, t: int) -> str:
+    """Why iteration t has no pairs, from the judge's counts (judge.json)."""
+    st = read_json(ctx.iter_dir(t) / JUDGE)["stats"]
+    parts = [
+        (st.get("dropped_nan", 0), "with a score the judge could not give (NaN)"),
+        (st.get("dropped_ties", 0), "with all scores tied"),
+        (st.get("dropped_margin", 0), "below online.min_margin"),
+        (st.get("skipped_prompts", 0), "skipped as longer than data.max_prompt_tokens"),
+    ]
+    said = [f"{int(k)} prompt(s) {why}" for k, why in parts if k]
+    if st.get("dropped_nan", 0) and not st.get("dropped_ties", 0):
+        failed = int(st.get("judge_failures", 0))
+        said.append(
+            f"judge failures: {failed}, unparseable replies: {int(st.get('judge_unparseable', 0))}"
+        )
+    return "; ".join(said) or "no prompts were judged"
+
+
 def judge_stats(ctx: RunContext, t: int) -> dict[str, float]:
     """Iteration t's generation and judging statistics, named for the iteration record."""
     stats = read_json(ctx.iter_dir(t) / JUDGE)["stats"]
@@ -345,7 +363,9 @@ def train(ctx: RunContext, t: int, pairs: PairSet, ref: LogProbs, ref_params: An
     cfg, o = ctx.cfg, ctx.cfg.online
     n = len(pairs)
     if n == 0:
-        ctx.log(f"iteration {t}: no preference pairs (all ties?) - policy unchanged")
+        ctx.log(
+            f"iteration {t}: no preference pairs ({no_pairs_reason(ctx, t)}) - policy unchanged"
+        )
         return ref_params
     bs = o.batch_size
     per_epoch = math.ceil(n / bs)

@@ -388,20 +388,41 @@ def test_other_4xx_is_not_retried_and_drops_the_item(server, caplog):
     assert "HTTP 400" in line and "1 attempt" in line
 
 
-def test_connection_refused_is_retried_and_counted(caplog):
+def _dead_url() -> str:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_unreachable_server_stops_at_the_first_question(caplog):
+    """Nothing ever answered: a wrong URL or a server that is down. One line, at once (after the
+    client's retries of the first question), the queued questions not sent, no warning flood."""
+    url = _dead_url()
     judge = make_judge(
-        dict(kind="llm", base_url=url, model="m", mode="scoring", max_retries=1, timeout_s=0.25)
+        dict(kind="llm", base_url=url, model="m", mode="scoring", max_retries=1, concurrency=2)
     )
+    with pytest.raises(JudgeError) as err:
+        judge.score(["p"] * 40, [f"answer {i}" for i in range(40)])
+    msg = str(err.value)
+    assert msg.startswith(f"judge: cannot reach {url}/chat/completions (connection error")
+    assert "is the server running?" in msg and len(msg.splitlines()) == 1
+    st = judge.stats()
+    assert st["requests"] <= 2 * 2 * 2  # the questions in flight (2 workers x 2 attempts), no more
+    assert judge_warnings(caplog) == []
+
+
+def test_connection_lost_after_answers_is_retried_and_counted(server, caplog):
+    """Once the server has answered, a connection error is one failed item (NaN, a warning)."""
+    judge = judge_for(server, mode="scoring", max_retries=1)
+    assert not np.isnan(judge.score(["p"], ["answer 1"])).any()
+    server.close()
+    server.close = lambda: None  # the fixture's close: already done
     assert np.isnan(judge.score(["p"], ["answer 1"])).all()
     st = judge.stats()
-    assert st["connection_errors"] == 2 and st["requests"] == 2 and st["retries"] == 1
-    assert st["failures"] == 1
+    assert st["connection_errors"] == 2 and st["retries"] == 1 and st["failures"] == 1
     (line,) = judge_warnings(caplog)
-    assert url in line and "connection error" in line
+    assert server.url in line and "connection error" in line
 
 
 # --------------------------------------------------------------------- secrets, limits

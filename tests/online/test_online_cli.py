@@ -1,5 +1,6 @@
 """The CLI's error handling: bad configs and judge specs give one line and exit 2 before work."""
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,27 @@ def test_llm_judge_without_api_key_env(tmp_path, capsys, monkeypatch):
         capsys, ["online", "--config", str(cfg), f"run.output_dir={tmp_path / 'run'}"]
     )
     assert code == 2 and "JAXSELM_TEST_KEY" in err and len(err.splitlines()) == 1
+
+
+def test_unreachable_llm_judge_stops_before_any_work(tmp_path, capsys):
+    """An LLM endpoint nobody answers at: one line, exit 2, before the warm start trains (and
+    before the run folder holds anything)."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "llm.yaml"
+    cfg.write_text(
+        DEMO.read_text().replace(
+            "judge:\n  kind: programmatic\n  function: jaxselm.data.tasks:score",
+            f"judge:\n  kind: llm\n  base_url: http://127.0.0.1:{port}/v1\n  model: m\n"
+            "  max_retries: 0",
+        )
+    )
+    out = tmp_path / "run"
+    code, err = _run_main(capsys, ["online", "--config", str(cfg), f"run.output_dir={out}"])
+    assert code == 2, err
+    assert f"judge: cannot reach http://127.0.0.1:{port}/v1 (connection error" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
 
 
 def test_usage_errors_exit_2(capsys):
