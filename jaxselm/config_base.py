@@ -23,6 +23,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
+UnitInterval = Annotated[float, Field(gt=0, le=1)]  # (0, 1], e.g. top_p
 
 _TYPE_TAGS = {"int", "float", "str", "bool", "dict", "list", "none", "tuple"}
 # pydantic constraint errors -> the package's wording ("must be >= 1").

@@ -32,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -186,6 +187,19 @@ class SyntheticConfig(_Strict):
         return tasks.make_task(self.task, **dict(self.settings))
 
 
+@contextlib.contextmanager
+def _absl_quiet() -> Iterator[None]:
+    """TFDS's warnings (absl) off for a block: its messages about configs and downloads do not
+    apply to local files prepared under a fingerprinted config."""
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logger.setLevel(level)
+
+
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared machinery: fingerprinted config, array_record, counts in the metadata."""
 
@@ -195,11 +209,12 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     }
 
     def __init__(self, fingerprint: str, data_dir: str | os.PathLike, description: str):
-        super().__init__(
-            data_dir=os.fspath(data_dir),
-            file_format="array_record",
-            config=tfds.core.BuilderConfig(name=fingerprint, description=description),
-        )
+        with _absl_quiet():  # TFDS warns about "custom data configuration": ours, on purpose
+            super().__init__(
+                data_dir=os.fspath(data_dir),
+                file_format="array_record",
+                config=tfds.core.BuilderConfig(name=fingerprint, description=description),
+            )
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -223,23 +238,19 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         """
         parent = Path(self.data_dir).parent
         before = set(parent.glob("incomplete*")) if parent.exists() else set()
-        absl_logger = logging.getLogger("absl")
-        level = absl_logger.level
-        absl_logger.setLevel(logging.ERROR)
         tfds.disable_progress_bar()
         try:
-            self.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+            with _absl_quiet():
+                self.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(
+                        download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+                    )
                 )
-            )
         except BaseException:
             if parent.exists():
                 for p in set(parent.glob("incomplete*")) - before:
                     shutil.rmtree(p, ignore_errors=True)
             raise
-        finally:
-            absl_logger.setLevel(level)
 
     # TFDS prints these two (bold, on stdout) around every preparation and offers no switch; a
     # local file is not downloaded, so they say nothing true here.
@@ -311,6 +322,8 @@ class PromptsBuilder(_Builder, skip_registration=True):
             if ids[rec["id"]] > 1:  # keep ids unique within a split
                 rec = {**rec, "id": f"{rec['id']}#{ids[rec['id']]}"}
             yield i, _encode(rec)
+        if not ids:  # TFDS would fail with a bare assertion ("No examples were yielded")
+            raise DataError(f"{', '.join(files)}: no usable rows ({_why_none(read, bad)})")
         self.info.metadata[split] = {
             "rows_read": read + sum(bad.values()),
             "bad_rows": sum(bad.values()),
@@ -440,6 +453,28 @@ class PromptSource:
     def get_many(self, indices: list[int] | np.ndarray) -> list[dict[str, Any]]:
         """Several records at once (one batched read)."""
         return [_decode(r) for r in self._source.__getitems__([int(i) for i in indices])]
+
+
+def _why_none(read: int, bad: Counter) -> str:
+    if not read and not bad:
+        return "the file holds no rows"
+    said = [f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(bad.items()) if n]
+    if read:
+        said.append(f"{read} removed by cleaning (duplicates, decontamination, limits)")
+    return f"{read + sum(bad.values())} row(s): " + ", ".join(said)
+
+
+def bad_rows_summary(counts: dict[str, Any]) -> str:
+    """'3 bad rows skipped (2 wrong type, 1 missing field)' from a split's counts; '' if none."""
+    n = int(counts.get("bad_rows", 0))
+    if not n:
+        return ""
+    parts = [
+        f"{int(counts[f'bad_{r}'])} {r.replace('_', ' ')}"
+        for r in rows.BAD_ROW_REASONS
+        if counts.get(f"bad_{r}")
+    ]
+    return f"{n} bad row(s) skipped ({', '.join(parts)})"
 
 
 def _counts(builder: tfds.core.DatasetBuilder) -> dict[str, Any]:

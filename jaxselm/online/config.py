@@ -29,6 +29,7 @@ from jaxselm.config_base import (
     PositiveFloat,
     PositiveInt,
     Probability,
+    UnitInterval,
 )
 from jaxselm.errors import ConfigError
 from jaxselm.feedback.config import JudgeConfig, ProgrammaticJudgeConfig, parse_judge_config
@@ -47,6 +48,20 @@ class RunSection(FrozenConfig):
     tensorboard: bool = True
     progress: bool = True  # progress bars on stderr
     async_checkpoints: bool = True  # train checkpoints written in the background (orbax)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder(cls, v: str) -> str:
+        # Checked here, before anything is written; a part of the path that is a file would
+        # otherwise surface as a traceback from the first mkdir.
+        p = os.path.abspath(v)
+        while p and not os.path.exists(p):
+            p = os.path.dirname(p) if os.path.dirname(p) != p else ""
+        if p and not os.path.isdir(p):
+            raise ValueError(f"{p} is a file, not a folder")
+        if p and not os.access(p, os.W_OK):
+            raise ValueError(f"{p} is not writable")
+        return v
 
 
 class InitSection(FrozenConfig):
@@ -90,6 +105,9 @@ class DataSection(FrozenConfig):
     # Prompts longer than max_prompt_tokens: keep their last max_prompt_tokens tokens (as the SELM
     # authors do), leave them out of the run, or stop with an error naming the prompt.
     long_prompts: Literal["truncate", "skip", "error"] = "truncate"
+    # Rows of the prompts files that cannot be used (a missing field, a number where text
+    # belongs, an empty prompt): counted, reported and left out, or an error naming file:line.
+    on_bad_row: Literal["skip", "error"] = "skip"
 
     @model_validator(mode="after")
     def _check(self) -> DataSection:
@@ -123,9 +141,9 @@ class OnlineSection(FrozenConfig):
     max_new_tokens: PositiveInt = 16
     temperature: PositiveFloat = 1.0
     greedy: bool = False  # one greedy response per prompt (the SELM authors' setting, with n = 1)
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
+    top_k: NonNegativeInt = 0  # 0 = off
+    top_p: UnitInterval = 1.0  # 1 = off
+    min_p: Probability = 0.0  # 0 = off
     generation_batch_size: PositiveInt = 64  # prompts per generate() call
     include_dataset_responses: bool = False  # rank the dataset's chosen/rejected too (SELM paper)
     min_margin: NonNegativeFloat = 0.0  # pairs whose best-worst score gap is <= this are dropped

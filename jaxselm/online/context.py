@@ -151,6 +151,7 @@ class RunContext:
             f"tokenizer: {tok.source} ({tok.vocab_size} tokens, {template}, eos {tok.eos_id})",
             f"judge: {self.judge!r}" if self.judge is not None else "judge: none",
             self.prompts.describe(),
+            *self.prompts.notes,
             f"devices: {len(devices)} x {devices[0].platform} over {jax.process_count()} "
             f"process(es), mesh {dict(self.mesh.shape)}",
         ]

@@ -202,7 +202,10 @@ class Run:
         """Prepare the folder (or check it holds this run), open the metrics, turn SIGTERM into a
         clean stop; yields the number of completed iterations (-1: none)."""
         ctx = self.ctx
-        ctx.out.mkdir(parents=True, exist_ok=True)
+        try:
+            ctx.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"run.output_dir: cannot create {ctx.out} ({err.strerror})") from None
         barrier("prepare output_dir")
         fault_point("session")
         digest = config_digest(ctx.cfg)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,15 +67,24 @@ class PromptSet:
         self._n_train = 0
         self._eval_start = 0
         self._n_eval = 0
+        self.notes: list[str] = []  # lines for the run's log (e.g. bad rows skipped)
         data = cfg.data
         if data.source == "task":
             self.task = make_task(data.task, **data.task_settings)
         else:
-            self._open_sources(work_dir)
+            fresh = not work_dir.exists()
+            try:
+                self._open_sources(work_dir)
+            except BaseException:
+                if fresh and _process_index() == 0:  # a run stopped by its data leaves nothing
+                    shutil.rmtree(work_dir, ignore_errors=True)
+                raise
         log_dir = os.environ.get(ENV_READ_LOG)
         self._read_log = Path(log_dir) / f"reads.p{_process_index()}.jsonl" if log_dir else None
 
     def _open_sources(self, work_dir: Path) -> None:
+        from jaxselm.data.builders import bad_rows_summary
+
         cfg = self.cfg
         self._src = _prompt_source(cfg, work_dir, cfg.data.prompts_path, "prompts_path")
         n = len(self._src)
@@ -88,7 +98,17 @@ class PromptSet:
             self._eval_src = self._src
             self._n_train, self._eval_start, self._n_eval = n - n_eval, n - n_eval, n_eval
         if self._n_train < 1:
-            raise DataError(f"{cfg.data.prompts_path}: no usable prompts")
+            raise DataError(
+                f"{cfg.data.prompts_path}: {n} usable row(s), all held out as evaluation prompts "
+                "(add rows, or give data.eval_prompts_path)"
+            )
+        sources = [(self._src, cfg.data.prompts_path)]
+        if cfg.data.eval_prompts_path:
+            sources.append((self._eval_src, cfg.data.eval_prompts_path))
+        for src, path in sources:  # reported in the run's log (skipped rows are never silent)
+            said = bad_rows_summary(src.counts.get("train", {}))
+            if said:
+                self.notes.append(f"{path}: {said} (data.on_bad_row: error stops at the first)")
 
     def _log_reads(self, which: str, positions: Any, **where: int) -> None:
         if self._read_log is not None:
@@ -290,17 +310,23 @@ def _prompt_source(cfg: RunConfig, work_dir: Path, path: str, tag: str):
     digest = hashlib.sha1(os.fspath(p.resolve()).encode()).hexdigest()[:10]
     data_dir = work_dir / "data" / f"{tag}-{digest}"
     failed: BaseException | None = None
+    spec = {"files": [os.fspath(p)], "on_bad_row": cfg.data.on_bad_row}
     if is_primary():
+        # Folders this preparation creates are removed again when it fails: a run stopped by a
+        # bad file leaves its output_dir as it was (usually: not there).
+        made = [d for d in (work_dir, work_dir / "data", data_dir) if not d.exists()]
         try:
-            prepare_prompts({"files": [os.fspath(p)]}, data_dir)
+            prepare_prompts(spec, data_dir)
         except BaseException as err:  # noqa: BLE001 - re-raised below, after the others know
             failed = err
+            if made:
+                shutil.rmtree(made[0], ignore_errors=True)
     if any_process(failed is not None):
         if failed is not None:
             raise failed
         raise DataError(f"data.{tag}: preparing {path} failed on process 0 (its error says why)")
     barrier(f"prepared {data_dir}")
-    return PromptSource(prepare_prompts({"files": [os.fspath(p)]}, data_dir))
+    return PromptSource(prepare_prompts(spec, data_dir))
 
 
 def count_long(recs: Sequence[dict[str, Any]]) -> dict[str, int]:

@@ -28,6 +28,11 @@ def _run_main(capsys, argv):
         (["model.num_kv_heads=3"], "model.num_kv_heads: 3 does not divide"),
         (["online.learning_rates=[1e-3]"], "online.learning_rates: 1 values for 3 iterations"),
         (["judge.kind=gpt"], "judge.kind: unknown judge kind 'gpt'"),
+        (["online.top_k=-1"], "online.top_k: must be >= 0 (got -1)"),
+        (["online.top_p=1.5"], "online.top_p: must be <= 1 (got 1.5)"),
+        (["online.top_p=0"], "online.top_p: must be > 0 (got 0)"),
+        (["online.min_p=2"], "online.min_p: must be <= 1 (got 2)"),
+        (["data.on_bad_row=ignore"], "data.on_bad_row: "),
         (["judge.function=no_such_module_xyz:score"], "no_such_module_xyz"),
         (["judge.function=jaxselm.data.tasks:no_such_fn"], "no_such_fn"),
         (["judge.function=not a spec"], "judge.function"),
@@ -49,7 +54,18 @@ def test_bad_config_one_line_exit_2_before_work(tmp_path, capsys, overrides, nee
     assert code == 2
     assert needle in err, err
     assert len(err.splitlines()) == 1, err
-    assert not (out / "policy").exists()  # nothing started
+    assert not out.exists()  # found before anything is written
+
+
+@pytest.mark.parametrize("below", ["", "/sub"])
+def test_output_dir_under_a_file(tmp_path, capsys, below):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, err = _run_main(
+        capsys, ["online", "--config", str(DEMO), f"run.output_dir={afile}{below}"]
+    )
+    assert code == 2 and f"run.output_dir: {afile} is a file, not a folder" in err, err
+    assert len(err.splitlines()) == 1 and afile.read_text() == "x"
 
 
 def test_missing_config_file(tmp_path, capsys):
@@ -170,3 +186,60 @@ def test_sft_demonstration_longer_than_the_context(tmp_path, capsys):
         "model.max_position_embeddings=12" in err
     )
     assert not (out / "policy").exists() and not (out / "sft").exists()
+
+
+PROMPTS_ARGS = [
+    "data.source=prompts",
+    "data.tokenizer=builtin:bytes",
+    "model.vocab_size=512",
+    "sft.steps=0",
+    "run.progress=false",
+]
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "no usable rows (the file holds no rows)"),
+        (b'{"foo": 1}\n{"bar": 2}\n', "no usable rows (2 row(s): 2 missing field)"),
+        (b'{"prompt": ""}\n', "no usable rows (1 row(s): 1 empty prompt)"),
+        (b'{"prompt": 5}\n', "no usable rows (1 row(s): 1 wrong type)"),
+        (b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n', "prompts.jsonl:2: not valid UTF-8"),
+        (b'{"prompt": "a"}\n', "1 usable row(s), all held out as evaluation prompts"),
+    ],
+    ids=["empty", "no-fields", "empty-prompt", "number", "latin1", "one-row"],
+)
+def test_bad_prompts_file_one_line_and_nothing_left(tmp_path, capsys, content, needle):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(content)
+    out = tmp_path / "run"
+    argv = ["online", "--config", str(DEMO), f"run.output_dir={out}", *PROMPTS_ARGS]
+    code, err = _run_main(capsys, [*argv, f"data.prompts_path={prompts}"])
+    assert code == 2 and needle in err, err
+    assert len(err.splitlines()) == 1, err
+    assert not out.exists()  # the preparation's folders are removed again
+
+
+def test_bad_rows_are_reported_or_an_error(tmp_path):
+    from jaxselm.config_io import load_config
+    from jaxselm.data.tokenizer import load_tokenizer
+    from jaxselm.errors import DataError
+    from jaxselm.online.config import RunConfig
+    from jaxselm.online.prompts import PromptSet
+
+    prompts = tmp_path / "prompts.jsonl"
+    good = [f'{{"prompt": "sort {i} 3 1"}}' for i in range(20)]
+    prompts.write_text("\n".join([good[0], '{"prompt": 7}', *good[1:], '{"x": 1}']) + "\n")
+    over = [*PROMPTS_ARGS, f"data.prompts_path={prompts}"]
+    cfg = load_config(RunConfig, DEMO, [*over, f"run.output_dir={tmp_path / 'a'}"])
+    ps = PromptSet(cfg, load_tokenizer("builtin:bytes"), tmp_path / "a")
+    assert ps.notes == [
+        f"{prompts}: 2 bad row(s) skipped (1 missing field, 1 wrong type) "
+        "(data.on_bad_row: error stops at the first)"
+    ]
+    cfg = load_config(
+        RunConfig, DEMO, [*over, f"run.output_dir={tmp_path / 'b'}", "data.on_bad_row=error"]
+    )
+    with pytest.raises(DataError, match=r"prompts\.jsonl:2: "):
+        PromptSet(cfg, load_tokenizer("builtin:bytes"), tmp_path / "b")
+    assert not (tmp_path / "b").exists()
