@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from jaxselm.errors import CheckpointError
+from jaxselm.errors import CheckpointError, ConfigError
 
 
 def resolve_path(spec: str) -> str:
@@ -42,6 +42,22 @@ def resolve_path(spec: str) -> str:
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(f"{spec}: package {package!r} is not installed")
     return os.path.join(next(iter(found.submodule_search_locations)), rel)
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> None:
+    """Raise a one-line ConfigError naming ``what`` (e.g. ``--output``) when ``path`` cannot be
+    written as a file: it is a folder, or its nearest existing parent is a file or read-only.
+    For checking outputs before long work, not after."""
+    p = Path(os.path.abspath(path))
+    if p.is_dir():
+        raise ConfigError(f"{what}: {path} is a folder; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{what}: {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what}: {path}: {parent} is not writable")
 
 
 def _file_mode() -> int:

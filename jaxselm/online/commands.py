@@ -18,10 +18,11 @@ import numpy as np
 
 from jaxselm import metric_names as M
 from jaxselm.checkpoints import checkpoint_kind, checkpoint_tokenizer, load_checkpoint
+from jaxselm.data import rows
 from jaxselm.data.packing import PreferenceBatch, pack_sequences, sequence_length, take_rows
 from jaxselm.data.tokenizer import load_tokenizer
-from jaxselm.errors import ConfigError, DataError
-from jaxselm.files import write_text
+from jaxselm.errors import CheckpointError, ConfigError, DataError
+from jaxselm.files import check_writable_file, write_text
 from jaxselm.hf import save_gguf_checkpoint, save_hf_checkpoint
 from jaxselm.model import ModelConfig, init_params
 from jaxselm.online.config import RunConfig
@@ -40,35 +41,30 @@ from jaxselm.train import (
 
 
 def read_prompts_file(path: str, prompts: PromptSet) -> list[dict[str, Any]]:
-    """Prompt records of a JSONL file (rows with a 'prompt' string or a 'messages' list)."""
+    """Prompt records of a JSONL/JSON/Parquet file (rows with a 'prompt' string or a 'messages'
+    list), checked like a run's prompts file: any bad row (a missing or empty prompt, a number
+    where text belongs, bytes that are not UTF-8) is a DataError naming file and line."""
     recs = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for where, row in rows.iter_raw_rows(path):
+        ids = "id" if isinstance(row, dict) and "id" in row else "prompt_id"
+        fmt = rows.RowFormat(id_field=ids, max_prompt_chars=1 << 62)
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not (
-            isinstance(row.get("prompt"), str) or isinstance(row.get("messages"), list)
-        ):
-            raise DataError(f"{path}:{i}: needs a 'prompt' string or a 'messages' list")
-        prompt = row.get("prompt") or row["messages"][-1].get("content", "")
-        messages = row.get("messages") or [{"role": "user", "content": prompt}]
-        rec = {
-            "id": str(row.get("id", row.get("prompt_id", i))),
-            "prompt": prompt,
-            "messages": messages,
-        }
+            rec = rows.parse_row(row, fmt)
+        except rows.BadRow as err:
+            raise DataError(f"{where}: {err.detail}") from None
         rec["prompt_ids"] = prompts.encode_prompt(rec)
         recs.append(rec)
     if not recs:
-        raise DataError(f"{path}: no prompts")
+        raise DataError(f"{path}: no prompts (the file holds no rows)")
     return recs
+
+
+def check_checkpoint(path: str, what: str) -> None:
+    """A checkpoint argument that is no checkpoint at all: one line naming the option."""
+    try:
+        checkpoint_kind(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{what}: {err}") from None
 
 
 def respond(ctx: RunContext, params: Any, recs: list[dict[str, Any]], *, greedy: bool) -> list[str]:
@@ -96,11 +92,13 @@ def generate_command(
     greedy: bool,
     config_dir: str | None = None,
 ) -> int:
+    check_writable_file(output, "--output")  # before any work
+    check_checkpoint(checkpoint, "--checkpoint")
     ctx = RunContext.create(cfg, config_dir=config_dir)
-    params = ctx.load_params(checkpoint)
     recs = (
         read_prompts_file(prompts_path, ctx.prompts) if prompts_path else ctx.prompts.evaluation()
     )
+    params = ctx.load_params(checkpoint)
     texts = respond(ctx, params, recs, greedy=greedy)
     lines = [
         json.dumps({"id": r.get("id"), "prompt": r["prompt"], "response": t})
@@ -119,6 +117,11 @@ def eval_command(
     *,
     config_dir: str | None = None,
 ) -> int:
+    check_checkpoint(checkpoint, "--checkpoint")  # all inputs and outputs before any work
+    if baseline:
+        check_checkpoint(baseline, "--baseline")
+    if alpaca_eval:
+        check_writable_file(alpaca_eval, "--alpaca-eval")
     ctx = RunContext.create(cfg, config_dir=config_dir)
     recs = ctx.prompts.evaluation()
     prompts = [r["prompt"] for r in recs]

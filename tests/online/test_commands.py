@@ -93,6 +93,71 @@ def test_sft_generate_eval(sft_run, capsys):
     assert not (tmp / "x.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b'{"messages": []}\n', "p.jsonl:1: field 'messages' has no user message"),
+        (b'{"prompt": "sort 1 ="}\n{"prompt": ""}\n', "p.jsonl:2: the prompt is empty"),
+        (b'{"prompt": 3}\n', "p.jsonl:1: field 'prompt' must be a string, got int"),
+        (b'{"prompt": "sort 1 \xe9 ="}\n', "p.jsonl:1: not valid UTF-8"),
+        (b"", "p.jsonl: no prompts (the file holds no rows)"),
+    ],
+    ids=["empty-messages", "empty-prompt", "number", "latin1", "empty-file"],
+)
+def test_generate_bad_prompts_one_line(sft_run, capsys, tmp_path, content, needle):
+    tmp, cfg = sft_run
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(content)
+    out = tmp_path / "out.jsonl"
+    policy = tmp / "run" / "policy" / "iter_00"
+    capsys.readouterr()
+    assert run_cli("generate", config=cfg, checkpoint=policy, prompts=prompts, output=out) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["output-dir", "output-under-file", "baseline", "alpaca-dir"])
+def test_bad_outputs_and_checkpoints_found_before_generating(
+    sft_run, capsys, tmp_path, monkeypatch, case
+):
+    """Found before any generation (which would take minutes on a real model)."""
+    tmp, cfg = sft_run
+    policy = tmp / "run" / "policy" / "iter_00"
+    (tmp_path / "afile").write_text("x")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "sort 1 ="}\n')
+    gen = dict(config=cfg, checkpoint=policy, prompts=prompts)
+    command, flags, needle = {
+        "output-dir": ("generate", {**gen, "output": tmp_path}, "is a folder; give a file name"),
+        "output-under-file": (
+            "generate",
+            {**gen, "output": tmp_path / "afile" / "o.jsonl"},
+            "afile is a file, not a folder",
+        ),
+        "baseline": (
+            "eval",
+            dict(config=cfg, checkpoint=policy, baseline=tmp_path / "nope"),
+            "--baseline: ",
+        ),
+        "alpaca-dir": (
+            "eval",
+            dict(config=cfg, checkpoint=policy, alpaca_eval=tmp_path),
+            "--alpaca-eval: ",
+        ),
+    }[case]
+    import jaxselm.online.commands as commands
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated before the inputs were checked")
+
+    monkeypatch.setattr(commands, "respond", no_generation)
+    capsys.readouterr()
+    assert run_cli(command, **flags) == 2
+    captured = capsys.readouterr()
+    assert needle in captured.err and len(captured.err.splitlines()) == 1, captured.err
+
+
 @pytest.mark.slow
 def test_convert_round_trip(sft_run):
     from jaxselm.hf import load_hf_checkpoint
