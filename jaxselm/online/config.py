@@ -251,7 +251,15 @@ class RunConfig(FrozenConfig):
             return data
         given = dict(given)
         if "preset" in given:
-            given = ModelConfig(**given).model_dump()
+            try:
+                given = ModelConfig(**given).model_dump()
+            except ConfigError as err:  # raised outside the model section: name it
+                if err.path is None or err.detail is None:
+                    raise ConfigError(f"model.{err}") from None
+                key = ".".join(("model", *err.path))
+                raise ConfigError(
+                    f"{key}: {err.detail}", path=("model", *err.path), detail=err.detail
+                ) from None
         for key, value in given.items():
             if key in RUNTIME_FIELDS or key not in ModelConfig.model_fields:
                 continue

@@ -82,3 +82,25 @@ def test_missing_checkpoint_is_named_before_the_model_it_was_to_supply(spec):
     path = CONFIGS[0].parent / "smollm2-arithmetic.yaml"
     with pytest.raises(ConfigError, match=r"^.*init\.checkpoint: .*(not installed|not found)"):
         load_config(RunConfig, path, [f"init.checkpoint={spec}"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.norm_eps=1e-3", "model.norm_eps: unknown key"),
+        ("model.num_heads=0", "model.num_heads: must be >= 1 (got 0)"),
+        (
+            "model.rope_theta=5000",
+            "model.rope_theta: 5000.0 in the run config, but init.checkpoint",
+        ),
+        ("model.num_heads=5", "model.num_heads: 5 does not divide hidden_size=768"),
+    ],
+)
+def test_model_keys_next_to_a_checkpoint_are_named(tmp_path, override, message):
+    """With a preset and an init.checkpoint, a bad or disagreeing model key names its full path."""
+    ckpt = fake_hf_checkpoint(tmp_path / "ckpt", "small-100m")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"init: {{checkpoint: {ckpt}}}\nmodel: {{preset: small-100m}}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(RunConfig, cfg, [override])
+    assert message in str(err.value), str(err.value)

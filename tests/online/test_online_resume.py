@@ -91,6 +91,15 @@ def test_killed_in_every_phase_then_resumed_equals_uninterrupted(uninterrupted, 
     cfg = _write_config(tmp_path, "chain")
     run_dir = tmp_path / "chain"
 
+    res = _run(cfg, fault="iter0/sft/done")  # the warm start trained, its policy not saved
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert not (run_dir / "policy" / "iter_00").exists()
+
+    res = _run(cfg, fault="iter0/eval")  # the warm start saved, evaluating it
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert (run_dir / "policy" / "iter_00").is_dir()
+    assert not (run_dir / "iter_00" / "eval.json").exists()
+
     res = _run(cfg, fault="iter1/generate")  # during generation
     assert res.returncode == -9, res.stderr[-2000:]
     assert (run_dir / "policy" / "iter_00").is_dir()
@@ -101,15 +110,33 @@ def test_killed_in_every_phase_then_resumed_equals_uninterrupted(uninterrupted, 
     assert (run_dir / "iter_01" / "generate.safetensors").exists()
     assert not (run_dir / "iter_01" / "judge.json").exists()
 
+    res = _run(cfg, fault="iter1/reference/done")  # reference log-probs written, no training
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert (run_dir / "iter_01" / "reference.safetensors").exists()
+
     res = _run(cfg, fault="iter1/train/step1", signal_name="TERM")  # SIGTERM while training
     assert res.returncode == 0, res.stderr[-2000:]
     assert "SIGTERM" in res.stdout
     assert (run_dir / "iter_01" / "ckpt" / "1").is_dir()
     assert not (run_dir / "policy" / "iter_01").exists()
 
+    # After the policy export, before its evaluation: training is not redone, so its metric
+    # records must survive the resume (they were lost once).
+    res = _run(cfg, fault="iter1/saved")
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert (run_dir / "policy" / "iter_01").is_dir()
+
+    res = _run(cfg, fault="iter1/eval")  # during that evaluation
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert not (run_dir / "iter_01" / "eval.json").exists()
+
     res = _run(cfg, fault="iter2/train/step2")  # killed mid-training, checkpoint at step 1
     assert res.returncode == -9, res.stderr[-2000:]
     assert (run_dir / "iter_02" / "ckpt" / "1").is_dir()
+
+    res = _run(cfg, fault="iter2/eval/done")  # evaluated, iteration not yet marked complete
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert (run_dir / "iter_02" / "eval.json").exists()
 
     res = _run(cfg)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -125,6 +152,41 @@ def test_killed_in_every_phase_then_resumed_equals_uninterrupted(uninterrupted, 
         (r["iteration"], k) for r in times if r["kind"] == "time" for k in r if k[-2:] == "_s"
     ]
     assert len(phases) == len(set(phases)) and (2, "train_s") in phases
+
+
+@pytest.mark.slow
+def test_random_kills_then_resumed_equals_uninterrupted(uninterrupted, tmp_path):
+    """SIGKILL at random moments (wherever they land: compiling, writing a file, between
+    phases), then one resume: the same parameters and metrics, no row lost or repeated."""
+    import random
+    import signal
+    import time
+
+    ref_dir, ref = uninterrupted
+    cfg = _write_config(tmp_path, "random")
+    run_dir = tmp_path / "random"
+    rng = random.Random(1234)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXSELM_FAULT")}
+    for _ in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxselm", "online", "--config", str(cfg)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(8.0, 30.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    res = _run(cfg)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got, want = _params(run_dir, 2), _params(ref_dir, 2)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert _metrics(run_dir) == _metrics(ref_dir)
+    for t in range(3):
+        a = json.loads((run_dir / f"iter_{t:02d}" / "eval.json").read_text())
+        b = json.loads((ref_dir / f"iter_{t:02d}" / "eval.json").read_text())
+        assert a == b, t
 
 
 @pytest.mark.slow
