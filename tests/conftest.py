@@ -23,11 +23,22 @@ assert jax.device_count() == 8, "tests expect 8 host CPU devices (XLA_FLAGS set 
 _NO_SKIP = tuple(p.strip() for p in os.environ.get("JAXSELM_NO_SKIP", "").split(",") if p.strip())
 
 
+def _must_not_skip(report, node: str) -> None:
+    if _NO_SKIP and report.skipped and node in _NO_SKIP:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but JAXSELM_NO_SKIP says it must run: {reason}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
-    if _NO_SKIP and report.skipped and report.nodeid.split("::")[0] in _NO_SKIP:
-        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"skipped, but JAXSELM_NO_SKIP says it must run: {reason}"
+    _must_not_skip(report, report.nodeid.split("::")[0])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    _must_not_skip(report, report.nodeid)  # a module-level importorskip
