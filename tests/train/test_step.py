@@ -2,6 +2,8 @@
 
 - the SELM step gives the same loss, metrics and updated params on one device and on meshes
   (8,1,1), (2,4,1), (2,2,2), and lays params / optimizer state out as the rule table says;
+- its gradient norm and updated params equal jax.grad of the directly computed loss followed by
+  the optimizer's update;
 - gradient accumulation over 4 micro-batches equals one big batch;
 - reference log-probs (micro-batched, sharded) equal a direct forward;
 - DPO / IPO / XPO, SFT and reward-model steps compute their loss from the model's outputs;
@@ -207,6 +209,41 @@ def test_selm_step_loss_matches_direct_computation(runs, pol0):
     np.testing.assert_allclose(runs[None]["metrics1"]["loss"], loss, rtol=RTOL, atol=ATOL)
     for key, value in metrics.items():
         np.testing.assert_allclose(runs[None]["metrics1"][key], value, rtol=RTOL, atol=ATOL)
+
+
+def test_gradients_and_update_match_jax_grad_of_the_direct_loss(runs, batch, params0):
+    """Independent of the step's plumbing (interleaved forward, summed loss / weight, psum,
+    micro-batch scan): jax.grad of the SELM batch-mean loss computed from one forward per
+    response, then the optimizer's own update. A wrong constant factor in the step's loss or
+    gradients shows in grad_norm (and, through Adam's eps, in the params)."""
+    import optax
+
+    ref = runs[None]["ref"]
+
+    @jax.jit
+    def direct_loss(params):
+        pol = direct_ref_logprobs(params, batch)
+        loss, _ = L.selm_loss(
+            pol.chosen,
+            pol.rejected,
+            ref.chosen,
+            ref.rejected,
+            pol.refresp,
+            ref.refresp,
+            beta=TRAIN.beta,
+            alpha=TRAIN.alpha,
+        )
+        return loss
+
+    grads = jax.jit(jax.grad(direct_loss))(params0)
+    norm = float(np.sqrt(sum(np.sum(np.square(np.asarray(g))) for g in jax.tree.leaves(grads))))
+    tx = make_optimizer(OPT)
+    updates, _ = tx.update(grads, tx.init(params0), params0)
+    want = to_np(optax.apply_updates(params0, updates))
+    for shape in [None, *MESHES]:
+        got = runs[shape]
+        np.testing.assert_allclose(got["metrics1"]["grad_norm"], norm, rtol=RTOL, atol=ATOL)
+        chex.assert_trees_all_close(got["params1"], want, rtol=RTOL, atol=ATOL)
 
 
 def test_params_and_opt_state_laid_out_by_the_rules(runs):
