@@ -185,12 +185,25 @@ class Run:
             else latest_step(ctx.out / "sft" / "ckpt" if t == 0 else ctx.iter_dir(t) / "ckpt")
         )
 
+        d = ctx.iter_dir(t)
+        # A phase's wall time is kept when what it made is on disk (it will not run again);
+        # the others (e.g. a warm start trained but not yet saved) run again and are timed
+        # again, so their old records go.
+        made = {
+            "generate": ctx.exists(d / phases.GENERATE),
+            "judge": ctx.exists(d / phases.JUDGE),
+            "pairs": ctx.exists(d / phases.JUDGE),
+            "reference": ctx.exists(d / phases.REFERENCE),
+            "eval": ctx.exists(d / EVAL),
+        }
+
         def keep(rec: dict[str, Any]) -> bool:
-            if rec.get("kind") == "time":  # phase wall times: a done phase is not redone
-                return True
             it = rec.get("iteration", 0)
             if it != t:
                 return it < t
+            if rec.get("kind") == "time":
+                phase = next((k[:-2] for k in rec if k.endswith("_s")), "")
+                return made.get(phase, trained)  # init / sft / train / save: with the policy
             if rec.get("kind") not in ("train", "sft"):
                 return False
             return trained or (ckpt is not None and rec.get("iter_step", 0) <= ckpt)

@@ -152,6 +152,13 @@ def test_killed_in_every_phase_then_resumed_equals_uninterrupted(uninterrupted, 
         (r["iteration"], k) for r in times if r["kind"] == "time" for k in r if k[-2:] == "_s"
     ]
     assert len(phases) == len(set(phases)) and (2, "train_s") in phases
+    assert {k for _, k in phases} >= {"sft_s", "save_s", "eval_s", "generate_s", "judge_s"}
+    for t in range(3):  # the per-iteration files too
+        for name in ("eval.json", "judge.json"):
+            if t == 0 and name == "judge.json":
+                continue
+            a = (run_dir / f"iter_{t:02d}" / name).read_text()
+            assert a == (ref_dir / f"iter_{t:02d}" / name).read_text(), (t, name)
 
 
 @pytest.mark.slow
