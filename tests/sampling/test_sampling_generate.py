@@ -21,7 +21,9 @@ from jaxselm.sampling import engine as gen_module
 
 ATOL = 2e-5
 PROMPTS = [[5, 9, 2], [7, 1, 3, 8, 11, 4, 6], [12, 30, 41, 2, 9, 17, 23, 3, 5, 1, 60, 33]]
-MODES = ("rope", "cope", "cope+rope", "none")
+# "rope+window": a sliding window (Mistral v0.1) of 3 keys, shorter than every sequence here,
+# so the cache's window must drop exactly the keys the full forward masks.
+MODES = ("rope", "cope", "cope+rope", "none", "rope+window")
 SHARED = dict(max_new_tokens=8, n=4)  # one compilation shared by several tests
 
 
@@ -35,6 +37,8 @@ def perturbed_params(cfg, seed=0, std=0.2):
 
 
 def config(mode):
+    if mode == "rope+window":
+        return get_preset("tiny").replace(position="rope", sliding_window=3)
     return get_preset("tiny").replace(position=mode, cope_npos_max=16)
 
 

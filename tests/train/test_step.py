@@ -381,3 +381,29 @@ def test_bf16_compute_keeps_fp32_master_weights(runs, batch, params0):
     np.testing.assert_allclose(
         metrics["logps/chosen"], runs[None]["metrics1"]["logps/chosen"], rtol=2e-2
     )
+
+
+def test_cope_step_sharded_equals_one_device(batch):
+    """CoPE's own parameters (the position table) train sharded too: a SELM step of the CoPE
+    model on meshes (2, 2, 2) and (1, 8, 1) (FSDP) equals the step on one device."""
+    cfg = get_preset("tiny-cope")
+    tx = make_optimizer(OPT)
+    params = init_jit(cfg, jax.random.key(0))
+    # A non-zero position table (CoPE's is zero-initialised), so its gradient path matters.
+    params = jax.tree.map(lambda x: x + 0.05 * jnp.ones_like(x), params)
+    ref = make_reference_fn(cfg, single_device_mesh())(init_jit(cfg, jax.random.key(1)), batch)
+    host_state = to_np(create_train_state(params, tx))
+    results = {}
+    for shape in [None, (2, 2, 2), (1, 8, 1)]:
+        mesh = mesh_of(shape)
+        state = shard_train_state(host_state, cfg, tx, mesh)
+        state, metrics = make_preference_step(cfg, TRAIN, tx, mesh)(
+            state, batch.replace(ref_logps=ref)
+        )
+        results[shape] = (to_np(metrics), to_np(state.params))
+    assert any(
+        "cope" in jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(params)
+    )
+    for shape in [(2, 2, 2), (1, 8, 1)]:
+        chex.assert_trees_all_close(results[shape][0], results[None][0], rtol=RTOL, atol=ATOL)
+        chex.assert_trees_all_close(results[shape][1], results[None][1], rtol=RTOL, atol=ATOL)
