@@ -167,6 +167,12 @@ def check_messages(messages: Any, where: str = "messages") -> list[dict[str, Any
     return out
 
 
+def check_chat_template(template: str, source: str) -> None:
+    """Compile ``template`` (cached): a syntax error is a one-line TokenizerError naming
+    ``source``. Runs render nothing, so it is safe to call before any work starts."""
+    _compile(template, source)
+
+
 def render_chat_template(
     template: str,
     messages: Sequence[Mapping[str, Any]],

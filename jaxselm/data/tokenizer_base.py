@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxselm.data.chat_template import render_chat_template
+from jaxselm.data.chat_template import check_chat_template, render_chat_template
 from jaxselm.errors import TokenizerError
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
@@ -105,6 +105,11 @@ class Tokenizer(abc.ABC):
             source=self._template_source(),
             **kwargs,
         )
+
+    def check_chat_template(self) -> None:
+        """A chat template that does not compile: one line now, not at the first prompt."""
+        if self.chat_template is not None:
+            check_chat_template(self.chat_template, self._template_source())
 
     def _template_source(self) -> str:
         return self.source

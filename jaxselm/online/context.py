@@ -67,6 +67,8 @@ class RunContext:
         file's folder) is where a programmatic judge's module is also looked for."""
         model = cfg.model
         tok = build_tokenizer(cfg)
+        if cfg.data.chat_template:
+            tok.check_chat_template()
         if tok.vocab_size > model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size: {model.vocab_size} is smaller than the "

@@ -243,3 +243,20 @@ def test_bad_rows_are_reported_or_an_error(tmp_path):
     with pytest.raises(DataError, match=r"prompts\.jsonl:2: "):
         PromptSet(cfg, load_tokenizer("builtin:bytes"), tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_broken_chat_template_found_before_anything_is_written(tmp_path, capsys):
+    from tiny_tokenizers import train_bpe_dir
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    template = "{% for m in messages %}{{ m.content }"  # an unclosed expression
+    train_bpe_dir(tok, ["hello world sort 1 2 3"] * 20, 300, {"chat_template": template})
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "hello {i}"}}\n' for i in range(12)))
+    out = tmp_path / "run"
+    common = [a for a in PROMPTS_ARGS if not a.startswith("data.tokenizer=")]
+    argv = ["online", "--config", str(DEMO), f"run.output_dir={out}", *common]
+    code, err = _run_main(capsys, [*argv, f"data.prompts_path={prompts}", f"data.tokenizer={tok}"])
+    assert code == 2 and "chat template syntax error at template line 1" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
