@@ -283,6 +283,17 @@ class RunConfig(FrozenConfig):
                 path=("online", "offline_iterations"),
                 detail=detail,
             )
+        ctx_len = self.model.max_position_embeddings
+        if self.online.max_new_tokens >= ctx_len:
+            # Found here, not at the first generation (after the warm start and an export).
+            # Below that, prompts are kept within what the context leaves them (PromptSet).
+            detail = (
+                f"{self.online.max_new_tokens} leaves no room for a prompt in the model's "
+                f"context (model.max_position_embeddings = {ctx_len})"
+            )
+            raise ConfigError(
+                f"online.max_new_tokens: {detail}", path=("online", "max_new_tokens"), detail=detail
+            )
         if self.data.source == "prompts" and not self.data.tokenizer and not self.init.checkpoint:
             detail = "required when data.source is 'prompts' (or an init.checkpoint that has one)"
             raise ConfigError(

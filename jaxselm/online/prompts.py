@@ -133,17 +133,39 @@ class PromptSet:
             ids = tok.encode(rec["prompt"], add_bos=tok.bos_id is not None)
         if not ids:
             raise DataError(f"prompt {rec['id']}: encodes to no tokens")
-        limit = self.cfg.data.max_prompt_tokens
+        limit = self.prompt_limit
         if len(ids) > limit:
             policy = self.cfg.data.long_prompts
             if policy == "error":
                 raise DataError(
-                    f"prompt {rec['id']}: {len(ids)} tokens exceed data.max_prompt_tokens={limit} "
-                    "(data.long_prompts: error; 'truncate' keeps the last tokens)"
+                    f"prompt {rec['id']}: {len(ids)} tokens exceed the prompt limit {limit} "
+                    f"({self._limit_reason()}; data.long_prompts: error; 'truncate' keeps the "
+                    "last tokens)"
                 )
             rec["truncated" if policy == "truncate" else "skipped"] = True
             ids = ids[-limit:]  # left truncation; a skipped prompt only keeps the batch shapes
         return ids
+
+    @property
+    def prompt_limit(self) -> int:
+        """The most prompt tokens a row keeps: data.max_prompt_tokens; for a prompts file also
+        no more than the model's context leaves after online.max_new_tokens (a longer prompt is
+        then a long prompt, handled per data.long_prompts, instead of failing at generation).
+        A synthetic task's prompts are never cut for the context: a cut task prompt is another
+        task; generation and SFT refuse sequences past the context instead."""
+        limit = self.cfg.data.max_prompt_tokens
+        if self.task is None:
+            room = self.cfg.model.max_position_embeddings - self.cfg.online.max_new_tokens
+            limit = min(limit, room)
+        return max(1, limit)
+
+    def _limit_reason(self) -> str:
+        if self.prompt_limit < self.cfg.data.max_prompt_tokens:
+            return (
+                f"model.max_position_embeddings {self.cfg.model.max_position_embeddings} - "
+                f"online.max_new_tokens {self.cfg.online.max_new_tokens}"
+            )
+        return "data.max_prompt_tokens"
 
     def encode_response(self, text: str) -> list[int]:
         """Ids of a dataset response, EOS appended, cut to online.max_new_tokens."""
@@ -231,7 +253,7 @@ class PromptSet:
             )
         return (
             f"prompts: {where}; {o.prompts_per_iteration} per iteration, evaluation on {got}{why}; "
-            f"longer than {data.max_prompt_tokens} tokens: {data.long_prompts}"
+            f"longer than {self.prompt_limit} tokens ({self._limit_reason()}): {data.long_prompts}"
         )
 
     def evaluation(self, positions: Any = None) -> list[dict[str, Any]]:

@@ -260,3 +260,34 @@ def test_broken_chat_template_found_before_anything_is_written(tmp_path, capsys)
     code, err = _run_main(capsys, [*argv, f"data.prompts_path={prompts}", f"data.tokenizer={tok}"])
     assert code == 2 and "chat template syntax error at template line 1" in err, err
     assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_prompts_kept_within_the_context_left_by_max_new_tokens(tmp_path, capsys):
+    """A prompts file on a small-context model: prompts longer than the context minus
+    online.max_new_tokens are long prompts (truncated from the left here), found when the run
+    starts, not a failure at the first generation; max_new_tokens filling the whole context is
+    a config error."""
+    from jaxselm.config_io import load_config
+    from jaxselm.data.tokenizer import load_tokenizer
+    from jaxselm.online.config import RunConfig
+    from jaxselm.online.prompts import PromptSet
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "{"x" * 100} {i}"}}\n' for i in range(12)))
+    over = [
+        *PROMPTS_ARGS,
+        f"data.prompts_path={prompts}",
+        "model.max_position_embeddings=64",
+        "online.max_new_tokens=8",
+        f"run.output_dir={tmp_path / 'run'}",
+    ]
+    cfg = load_config(RunConfig, DEMO, over)
+    ps = PromptSet(cfg, load_tokenizer("builtin:bytes"), tmp_path / "run")
+    assert ps.prompt_limit == 56
+    rec = {"id": "r", "prompt": "y" * 100, "messages": [{"role": "user", "content": "y" * 100}]}
+    assert len(ps.encode_prompt(rec)) == 56 and rec["truncated"]
+    assert "longer than 56 tokens (model.max_position_embeddings 64 - online.max_new_tokens 8)" in (
+        ps.describe()
+    )
+    code, err = _run_main(capsys, ["online", "--config", str(DEMO), "online.max_new_tokens=256"])
+    assert code == 2 and "online.max_new_tokens: 256 leaves no room for a prompt" in err, err
