@@ -111,6 +111,12 @@ def run_one(
     )
     t0 = time.time()
     run_online(cfg, config_dir=str(config.parent))
+    done = json.loads((out_dir / "run.json").read_text())["completed_iterations"]
+    if done != iterations:  # e.g. stopped by SIGTERM: it returns 0 with the state saved
+        raise SystemExit(
+            f"{out_dir}: stopped after iteration {done} of {iterations}; not recorded "
+            "(run the same command again)"
+        )
     return {
         "alpha": alpha,
         "seed": seed,
