@@ -269,12 +269,22 @@ def _closed_loop_hook(unraisable) -> None:
     sys.__unraisablehook__(unraisable)
 
 
+class _UnretrievedFutures(logging.Filter):
+    """asyncio's "Future exception was never retrieved" (logged at ERROR) for the futures of a
+    failed orbax/tensorstore read, which orbax leaves behind after raising the error we report:
+    jaxselm runs no asyncio code of its own, so these are always the library's leftovers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Future exception was never retrieved")
+
+
 def _quiet_library_noise() -> None:
     if sys.unraisablehook is sys.__unraisablehook__:
         sys.unraisablehook = _closed_loop_hook
-    absl = logging.getLogger("absl")
-    if not any(isinstance(f, _OrbaxNoise) for f in absl.filters):
-        absl.addFilter(_OrbaxNoise())
+    for name, noise in (("absl", _OrbaxNoise), ("asyncio", _UnretrievedFutures)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, noise) for f in logger.filters):
+            logger.addFilter(noise())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

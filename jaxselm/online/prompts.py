@@ -137,10 +137,11 @@ class PromptSet:
         if len(ids) > limit:
             policy = self.cfg.data.long_prompts
             if policy == "error":
+                why = self._limit_reason()
+                what = f"{why}={limit}" if why == "data.max_prompt_tokens" else f"{limit} ({why})"
                 raise DataError(
-                    f"prompt {rec['id']}: {len(ids)} tokens exceed the prompt limit {limit} "
-                    f"({self._limit_reason()}; data.long_prompts: error; 'truncate' keeps the "
-                    "last tokens)"
+                    f"prompt {rec['id']}: {len(ids)} tokens exceed {what} "
+                    "(data.long_prompts: error; 'truncate' keeps the last tokens)"
                 )
             rec["truncated" if policy == "truncate" else "skipped"] = True
             ids = ids[-limit:]  # left truncation; a skipped prompt only keeps the batch shapes
