@@ -44,20 +44,23 @@ def _fix_floats(node: Any) -> Any:
     return node
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml's safe loader, except that a key given twice in one mapping is an error (plain
-    YAML loading keeps the last one silently: a setting the user wrote would be ignored)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+def _check_unique_keys(node: yaml.Node) -> None:
+    """A key given twice in one mapping is an error (plain YAML loading keeps the last one
+    silently: a setting the user wrote would be ignored). Works on the composed node tree, which
+    holds no constructed objects."""
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key.value!r} given twice", key.start_mark
+                    )
+                seen.add(key.value)
+            _check_unique_keys(value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_unique_keys(item)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -67,7 +70,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, "rb") as f:
             raw = f.read()
         text = raw.decode("utf-8")
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_unique_keys(root)
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
