@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from jaxselm.errors import JaxselmError
@@ -279,6 +280,9 @@ class _UnretrievedFutures(logging.Filter):
 
 
 def _quiet_library_noise() -> None:
+    warnings.filterwarnings(
+        "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning
+    )  # orbax's metadata coroutines after a failed read (jaxselm has no coroutines of its own)
     if sys.unraisablehook is sys.__unraisablehook__:
         sys.unraisablehook = _closed_loop_hook
     for name, noise in (("absl", _OrbaxNoise), ("asyncio", _UnretrievedFutures)):
@@ -339,7 +343,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def entry_point() -> None:  # console script
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(main())
+    code = main()
+    if code == EXIT_USAGE:
+        # The one-line error is printed and every file the command writes is written atomically
+        # (with-blocks, checkpointers included, closed on the way out); skipping the interpreter's
+        # teardown keeps the futures and coroutines a failed orbax read leaves behind from
+        # printing warnings after that line ("coroutine ... was never awaited", "Event loop is
+        # closed"), which they do at exit, nondeterministically.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
