@@ -40,7 +40,15 @@ from jaxselm.online.prompts import PromptSet, build_tokenizer
 from jaxselm.parallel.mesh import make_mesh, single_device_mesh
 from jaxselm.parallel.multihost import any_process, barrier, from_primary, is_primary
 from jaxselm.preemption import Preempted
-from jaxselm.train import ReferenceFn, make_reference_fn, params_shardings_for, save_params
+from jaxselm.train import (
+    ReferenceFn,
+    ShardedStep,
+    TrainConfig,
+    make_preference_step,
+    make_reference_fn,
+    params_shardings_for,
+    save_params,
+)
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:
@@ -58,6 +66,7 @@ class RunContext:
     metrics: MetricsWriter | None = None
     stop: Callable[[], bool] = lambda: False  # SIGTERM seen (set by the orchestrator)
     _reference_fns: dict[tuple[str, ...], ReferenceFn] = dataclasses.field(default_factory=dict)
+    _preference_steps: dict[TrainConfig, ShardedStep] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def create(
@@ -134,6 +143,19 @@ class RunContext:
         if names not in self._reference_fns:
             self._reference_fns[names] = make_reference_fn(self.model, self.mesh, responses=names)
         return self._reference_fns[names]
+
+    def preference_step(self, train: TrainConfig) -> ShardedStep:
+        """The preference step for ``train``, built and compiled once per run: alpha and the
+        schedule's peak, warm-up and length are call-time inputs (``preference_hyper``), so
+        every iteration reuses it (a new compilation only for a new padded pair length, or
+        when alpha turns to or from 0, which drops or adds y_ref)."""
+        opt = train.optimizer.replace(learning_rate=1.0, total_steps=1, warmup_steps=0)
+        key = train.replace(alpha=float(train.alpha != 0), optimizer=opt)
+        if key not in self._preference_steps:
+            self._preference_steps[key] = make_preference_step(
+                self.model, key, None, self.mesh, hyper=True
+            )
+        return self._preference_steps[key]
 
     def check_stop(self) -> None:
         """Raise Preempted on every process when any process saw SIGTERM."""

@@ -51,9 +51,9 @@ from jaxselm.parallel.multihost import (
     to_host,
 )
 from jaxselm.preemption import fault_point
-from jaxselm.train import make_optimizer, make_preference_step, make_sft_step
+from jaxselm.train import TrainConfig, make_optimizer, make_sft_step
 from jaxselm.train.driver import TrainLoop, progress
-from jaxselm.train.step import responses_for
+from jaxselm.train.step import preference_hyper, responses_for
 
 GENERATE, JUDGE, REFERENCE = "generate.safetensors", "judge.json", "reference.safetensors"
 REFRESP = "refresp.safetensors"  # greedy y_ref responses (online.refresp: greedy)
@@ -133,7 +133,7 @@ def generate(ctx: RunContext, t: int, params: Any) -> Generation:
         desc=f"iter {t} generate",
         preemptible=True,
     )
-    if greedy_refresp(ctx):
+    if greedy_refresp(ctx, t):
         ref, _ = rollout(
             ctx,
             params,
@@ -153,10 +153,21 @@ def generate(ctx: RunContext, t: int, params: Any) -> Generation:
     return gen
 
 
-def greedy_refresp(ctx: RunContext) -> bool:
-    """Whether y_ref is a greedy response generated apart from the samples."""
+def greedy_refresp(ctx: RunContext, t: int) -> bool:
+    """Whether iteration t's y_ref is a greedy response generated apart from the samples (not
+    when the loss makes no use of y_ref, e.g. SELM with alpha 0)."""
     o = ctx.cfg.online
-    return o.refresp == "greedy" and not o.greedy
+    used = "refresp" in responses_for(ctx.cfg.train.loss, train_config(ctx, t).alpha)
+    return o.refresp == "greedy" and not o.greedy and used
+
+
+def train_config(ctx: RunContext, t: int, total_steps: int | None = None) -> TrainConfig:
+    """Iteration t's train settings: its learning rate and alpha (and ``total_steps``)."""
+    cfg, o = ctx.cfg, ctx.cfg.online
+    opt = cfg.train.optimizer.replace(learning_rate=o.learning_rate(t))
+    if total_steps is not None:
+        opt = opt.replace(total_steps=total_steps)
+    return cfg.train.replace(optimizer=opt, alpha=o.alpha(t, cfg.train.alpha))
 
 
 def judge(ctx: RunContext, t: int, gen: Generation) -> None:
@@ -205,7 +216,7 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
             ds_scores[rows] = ds
     fault_point(f"iter{t}/judge")
     eos = gen.finish == 0
-    refs = [p * n + i for i in range(p)] if greedy_refresp(ctx) else None  # refresp.safetensors
+    refs = [p * n + i for i in range(p)] if greedy_refresp(ctx, t) else None  # refresp.safetensors
     pairs, stats = build_pairs(
         [r["prompt"] for r in recs],
         [[i * n + j for j in range(n)] for i in range(p)],
@@ -343,7 +354,8 @@ def sequence_logprobs(
 
 def reference(ctx: RunContext, t: int, pairs: PairSet, ref_params: Any) -> LogProbs:
     """pi_ref's log-probs of the responses the loss needs, once per iteration."""
-    ref = sequence_logprobs(ctx, ref_params, pairs, responses_for(ctx.cfg.train.loss))
+    train = train_config(ctx, t)
+    ref = sequence_logprobs(ctx, ref_params, pairs, responses_for(train.loss, train.alpha))
     arrays = {
         f.name: getattr(ref, f.name)
         for f in dataclasses.fields(ref)
@@ -360,7 +372,7 @@ def load_reference(ctx: RunContext, t: int) -> LogProbs:
 def train(ctx: RunContext, t: int, pairs: PairSet, ref: LogProbs, ref_params: Any) -> Any:
     """``online.epochs`` passes of the preference loss over the pairs, from pi_ref, with a fresh
     optimizer and iteration t's learning rate and alpha; the new policy's params."""
-    cfg, o = ctx.cfg, ctx.cfg.online
+    o = ctx.cfg.online
     n = len(pairs)
     if n == 0:
         ctx.log(
@@ -372,11 +384,10 @@ def train(ctx: RunContext, t: int, pairs: PairSet, ref: LogProbs, ref_params: An
     total = per_epoch * o.epochs
     rng = ctx.rng(t, 0x7A1)
     order = np.concatenate([np.resize(rng.permutation(n), per_epoch * bs) for _ in range(o.epochs)])
-    opt = cfg.train.optimizer.replace(learning_rate=o.learning_rate(t), total_steps=total)
-    train_cfg = cfg.train.replace(optimizer=opt, alpha=o.alpha(t, cfg.train.alpha))
-    tx = make_optimizer(opt)
-    step = make_preference_step(ctx.model, train_cfg, tx, ctx.mesh)
-    names = responses_for(train_cfg.loss)
+    train_cfg = train_config(ctx, t, total)
+    tx = make_optimizer(train_cfg.optimizer)  # (the state's structure; values come by hyper)
+    step = ctx.preference_step(train_cfg).bind(preference_hyper(train_cfg))
+    names = responses_for(train_cfg.loss, train_cfg.alpha)
     mine = local_batch_rows(bs, ctx.mesh)  # this process's rows of each global batch
 
     def batch_at(s: int):

@@ -17,9 +17,11 @@ in bfloat16 to save memory.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 from pydantic import Field, model_validator
 
@@ -89,28 +91,67 @@ class TrainConfig(FrozenConfig):
         return self
 
 
-def make_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """Learning rate as a function of the update count: linear warm-up, then the decay."""
-    peak = config.learning_rate
-    warmup = config.resolved_warmup_steps
-    decay_steps = max(config.total_steps - warmup, 1)
-    end = peak * config.final_lr_ratio
-    if config.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.final_lr_ratio)
-    elif config.schedule == "linear":
-        decay = optax.linear_schedule(peak, end, decay_steps)
-    else:
-        decay = optax.constant_schedule(peak)
-    if warmup == 0:
-        return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+# The schedule's numbers that may change between runs of one compiled step (each online
+# iteration has its own peak learning rate and length): with ``hyper`` they are traced scalars
+# given at call time, so the step compiles once per run instead of once per iteration.
+SCHEDULE_HYPER = ("learning_rate", "warmup_steps", "total_steps")
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm (if ``max_grad_norm``) then AdamW with :func:`make_schedule`."""
+def schedule_hyper(config: OptimizerConfig) -> dict[str, np.ndarray]:
+    """``config``'s values of :data:`SCHEDULE_HYPER`, as float32 scalars (what ``hyper`` takes)."""
+    return {
+        "learning_rate": np.float32(config.learning_rate),
+        "warmup_steps": np.float32(config.resolved_warmup_steps),
+        "total_steps": np.float32(config.total_steps),
+    }
+
+
+def make_schedule(
+    config: OptimizerConfig, hyper: Mapping[str, Any] | None = None
+) -> optax.Schedule:
+    """Learning rate as a function of the update count: linear warm-up, then the decay.
+
+    ``hyper`` (see :func:`schedule_hyper`) overrides the peak, warm-up and length with values
+    that may be traced; ``config`` still gives the decay's kind and final ratio. Written in jnp
+    (optax's schedules check their lengths in Python, so they cannot take traced lengths) with
+    optax's formulas: linear_schedule(0, peak, warmup) joined with cosine_decay_schedule /
+    linear_schedule / constant_schedule, as before.
+    """
+    h = schedule_hyper(config) if hyper is None else hyper
+    kind, ratio = config.schedule, config.final_lr_ratio
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        peak = jnp.asarray(h["learning_rate"], jnp.float32)
+        warmup = jnp.asarray(h["warmup_steps"], jnp.float32)
+        decay_steps = jnp.maximum(jnp.asarray(h["total_steps"], jnp.float32) - warmup, 1.0)
+        d = jnp.clip(count - warmup, 0.0, decay_steps)
+        if kind == "cosine":
+            cosine = 0.5 * (1 + jnp.cos(jnp.pi * d / decay_steps))
+            decayed = peak * ((1 - ratio) * cosine + ratio)
+        elif kind == "linear":
+            end = peak * ratio
+            decayed = (peak - end) * (1 - d / decay_steps) + end
+        else:
+            decayed = peak
+        w = jnp.clip(count, 0.0, warmup)
+        warm = (0.0 - peak) * (1 - w / jnp.maximum(warmup, 1.0)) + peak
+        return jnp.where(count < warmup, warm, decayed)
+
+    return schedule
+
+
+def make_optimizer(
+    config: OptimizerConfig, hyper: Mapping[str, Any] | None = None
+) -> optax.GradientTransformation:
+    """clip_by_global_norm (if ``max_grad_norm``) then AdamW with :func:`make_schedule`.
+
+    ``hyper``: traced schedule values (:func:`make_schedule`); the state's structure does not
+    depend on them, so ``make_optimizer(config).init`` serves every ``hyper``.
+    """
     mu_dtype = None if config.mu_dtype is None else jnp.dtype(config.mu_dtype)
     adamw = optax.adamw(
-        make_schedule(config),
+        make_schedule(config, hyper),
         b1=config.b1,
         b2=config.b2,
         eps=config.eps,

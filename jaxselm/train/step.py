@@ -28,12 +28,13 @@ sharded).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
@@ -51,13 +52,25 @@ from jaxselm.parallel.rules import (
     with_mesh_rules,
 )
 from jaxselm.train import losses as L
-from jaxselm.train.optimizer import TrainConfig, make_schedule
+from jaxselm.train.optimizer import TrainConfig, make_optimizer, make_schedule, schedule_hyper
 from jaxselm.train.state import TrainState, state_shardings
 
 Batch = Any  # a typed batch of jaxselm.data.packing (a pytree of [B, ...] arrays)
 Metrics = dict[str, jax.Array]
 # (params, micro-batch) -> (summed loss, weight, summed metrics); the step divides by the weight.
 LossFn = Callable[[Any, Batch], tuple[jax.Array, jax.Array, Metrics]]
+# Scalars given to a step at call time (traced, so new values do not recompile): for the
+# preference step, alpha and the schedule's numbers (see :func:`preference_hyper`).
+Hyper = Mapping[str, Any]
+
+
+class StepParts(NamedTuple):
+    """What one update is made of: the loss, the optimizer and the reported schedule."""
+
+    loss_fn: LossFn
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule | None
+
 
 # Whether steps are traced under jax.set_mesh, which turns the model's logical activation
 # constraints into sharding constraints (batch over data x fsdp, heads / mlp over tensor). The
@@ -69,9 +82,13 @@ RESPONSES_WITH_REFRESP = ("chosen", "rejected", "refresp")
 RESPONSES_PAIR = ("chosen", "rejected")
 
 
-def responses_for(loss: str) -> tuple[str, ...]:
-    """The responses a loss needs in the batch: y_ref only for selm and xpo."""
-    return RESPONSES_WITH_REFRESP if loss in ("selm", "xpo") else RESPONSES_PAIR
+def responses_for(loss: str, alpha: float | None = None) -> tuple[str, ...]:
+    """The responses a loss needs in the batch: y_ref only for selm and xpo, and not when
+    ``alpha`` is 0 (their exploration term is then exactly zero: packing, scoring and training
+    on y_ref would be a third more work for nothing)."""
+    if loss in ("selm", "xpo") and alpha != 0:
+        return RESPONSES_WITH_REFRESP
+    return RESPONSES_PAIR
 
 
 def policy_logprobs(
@@ -98,9 +115,17 @@ def policy_logprobs(
     return {name: logps[:, i] for i, name in enumerate(responses)}
 
 
-def preference_loss_fn(config: ModelConfig, train: TrainConfig) -> LossFn:
-    """The per-micro-batch loss of ``train.loss`` (selm, dpo, ipo or xpo)."""
-    responses = responses_for(train.loss)
+def preference_loss_fn(
+    config: ModelConfig, train: TrainConfig, alpha: jax.Array | float | None = None
+) -> LossFn:
+    """The per-micro-batch loss of ``train.loss`` (selm, dpo, ipo or xpo).
+
+    ``alpha`` (may be traced) replaces ``train.alpha`` in the loss; whether y_ref is in the
+    batch is decided by ``train.alpha`` (see :func:`responses_for`): with ``train.alpha == 0``
+    SELM is DPO and XPO is DPO, with the exploration metrics at exactly 0.
+    """
+    responses = responses_for(train.loss, train.alpha)
+    alpha = train.alpha if alpha is None else alpha
 
     def loss_fn(params: Any, mb: PreferenceBatch) -> tuple[jax.Array, jax.Array, Metrics]:
         if mb.ref_logps is None:
@@ -108,24 +133,29 @@ def preference_loss_fn(config: ModelConfig, train: TrainConfig) -> LossFn:
         pol = policy_logprobs(params, config, mb, responses)
         ref = mb.ref_logps
         common = (pol["chosen"], pol["rejected"], ref.chosen, ref.rejected)
-        if train.loss == "selm":
+        if train.loss == "selm" and "refresp" in pol:
             losses, metrics = L.selm_loss_terms(
                 *common,
                 pol["refresp"],
                 ref.refresp,
                 beta=train.beta,
-                alpha=train.alpha,
+                alpha=alpha,
                 label_smoothing=train.label_smoothing,
             )
-        elif train.loss == "dpo":
+        elif train.loss in ("dpo", "selm", "xpo") and "refresp" not in pol:
             losses, metrics = L.dpo_loss_terms(
                 *common, beta=train.beta, label_smoothing=train.label_smoothing
             )
+            if train.loss != "dpo":  # alpha = 0: the exploration term is exactly zero
+                zero = jnp.zeros_like(losses)
+                metrics[M.LOSS_DPO] = jax.lax.stop_gradient(losses)
+                name = M.SELM_EXPLORATION if train.loss == "selm" else M.XPO_EXPLORATION
+                metrics[name] = zero
         elif train.loss == "ipo":
             losses, metrics = L.ipo_loss_terms(*common, beta=train.beta)
         else:  # XPO has no reference term for y_ref
             losses, metrics = L.xpo_loss_terms(
-                *common, pol["refresp"], beta=train.beta, alpha=train.alpha
+                *common, pol["refresp"], beta=train.beta, alpha=alpha
             )
         weight = jnp.asarray(losses.shape[0], jnp.float32)
         return jnp.sum(losses), weight, {k: jnp.sum(v) for k, v in metrics.items()}
@@ -263,33 +293,65 @@ class ShardedStep:
     def batch_shardings(self, batch: Batch) -> Any:
         return batch_shardings(batch, self.mesh, self.rules)
 
-    def jitted(self, batch: Batch):
-        key = signature(batch)
+    def jitted(self, batch: Batch, hyper: Hyper):
+        key = (signature(batch), signature(dict(hyper)))
         if key not in self._compiled:
+            rep = replicated(self.mesh)
             self._compiled[key] = jax.jit(
                 self.fn,
-                in_shardings=(self.state_shardings, self.batch_shardings(batch)),
-                out_shardings=(self.state_shardings, replicated(self.mesh)),
+                in_shardings=(self.state_shardings, self.batch_shardings(batch), rep),
+                out_shardings=(self.state_shardings, rep),
                 donate_argnums=(0,) if self.donate else (),
             )
         return self._compiled[key]
 
-    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def __call__(
+        self, state: TrainState, batch: Batch, hyper: Hyper | None = None
+    ) -> tuple[TrainState, Metrics]:
+        hyper = _hyper_arrays(hyper)
         batch = jax.device_put(batch, self.batch_shardings(batch))
         with self._context():
-            return self.jitted(batch)(state, batch)
+            return self.jitted(batch, hyper)(state, batch, hyper)
+
+    def bind(self, hyper: Hyper) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+        """``(state, batch) -> step(state, batch, hyper)``: what a training driver calls; the
+        compiled functions stay this step's, shared by every ``hyper``."""
+        return BoundStep(self, _hyper_arrays(hyper))
+
+    def lower(self, state: TrainState, batch: Batch, hyper: Hyper | None = None):
+        """The lowered computation (for cost analysis and HLO inspection)."""
+        hyper = _hyper_arrays(hyper)
+        with self._context():
+            return self.jitted(batch, hyper).lower(state, batch, hyper)
+
+    @property
+    def compilations(self) -> int:
+        """How many functions this step has compiled (one per batch signature)."""
+        return len(self._compiled)
+
+
+class BoundStep:
+    """A :class:`ShardedStep` with its call-time hyperparameters fixed (see ``bind``)."""
+
+    def __init__(self, step: ShardedStep, hyper: dict[str, np.ndarray]):
+        self.step, self.hyper = step, hyper
+        self.state_shardings = step.state_shardings
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        return self.step(state, batch, self.hyper)
 
     def lower(self, state: TrainState, batch: Batch):
-        """The lowered computation (for cost analysis and HLO inspection)."""
-        with self._context():
-            return self.jitted(batch).lower(state, batch)
+        return self.step.lower(state, batch, self.hyper)
+
+
+def _hyper_arrays(hyper: Hyper | None) -> dict[str, np.ndarray]:
+    """float32 host scalars (one compiled function for every value, and no weak types)."""
+    return {k: np.asarray(v, np.float32) for k, v in (hyper or {}).items()}
 
 
 def make_step(
-    loss_fn: LossFn,
+    parts: StepParts | Callable[[Hyper], StepParts],
     config: ModelConfig,
-    optimizer: optax.GradientTransformation,
-    schedule: optax.Schedule | None,
     mesh: jax.sharding.Mesh,
     *,
     micro_batches: int = 1,
@@ -299,7 +361,9 @@ def make_step(
     donate: bool = True,
     activation_constraints: bool = ACTIVATION_CONSTRAINTS,
 ) -> ShardedStep:
-    """A :class:`ShardedStep` applying one ``optimizer`` update from ``loss_fn``'s gradients.
+    """A :class:`ShardedStep` applying one ``parts.optimizer`` update from ``parts.loss_fn``'s
+    gradients. ``parts`` may be a function of the call-time ``hyper`` scalars (traced: one
+    compilation serves every value); then ``shardings`` must be given.
 
     Metrics: ``loss``, every metric of the loss (batch means), ``grad_norm`` (before clipping),
     ``learning_rate`` (``schedule`` at the pre-update step; absent if None) and ``weight_name``
@@ -307,9 +371,14 @@ def make_step(
     """
     if micro_batches < 1:
         raise ConfigError(f"train.micro_batches: must be >= 1 (got {micro_batches})")
-    shards = shardings if shardings is not None else state_shardings(config, optimizer, mesh, rules)
+    if shardings is None:
+        if not isinstance(parts, StepParts):
+            raise ValueError("make_step: give `shardings` when `parts` depends on hyper")
+        shardings = state_shardings(config, parts.optimizer, mesh, rules)
+    shards = shardings
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step(state: TrainState, batch: Batch, hyper: Hyper) -> tuple[TrainState, Metrics]:
+        loss_fn, optimizer, schedule = parts if isinstance(parts, StepParts) else parts(hyper)
         loss, weight, metrics, grads = _accumulate(
             loss_fn, state.params, batch, micro_batches, mesh, rules, shards.params
         )
@@ -331,19 +400,46 @@ def make_step(
     )
 
 
+def preference_hyper(train: TrainConfig) -> dict[str, np.ndarray]:
+    """The call-time values of a step made with ``hyper=True``: ``train.alpha`` and the
+    optimizer's peak learning rate, warm-up and length."""
+    return {"alpha": np.float32(train.alpha), **schedule_hyper(train.optimizer)}
+
+
 def make_preference_step(
     config: ModelConfig,
     train: TrainConfig,
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformation | None,
     mesh: jax.sharding.Mesh,
+    *,
+    hyper: bool = False,
     **options: Any,
 ) -> ShardedStep:
     """The SELM (or DPO/IPO/XPO, per ``train.loss``) step; batch layout in the module docstring.
 
+    ``optimizer`` None: ``make_optimizer(train.optimizer)``. With ``hyper=True`` the step is
+    called as ``step(state, batch, preference_hyper(train_t))``: alpha and the schedule's peak,
+    warm-up and length are inputs, so one compilation serves every online iteration
+    (``optimizer`` must then be None; the update is AdamW per ``train.optimizer`` with those
+    values). Whether y_ref is in the batch follows ``train.alpha`` (:func:`responses_for`).
     ``options``: ``rules``, ``donate``, ``activation_constraints`` (as for :func:`make_step`).
     """
-    loss_fn = preference_loss_fn(config, train)
-    return _train_step(loss_fn, M.PAIRS, config, train, optimizer, mesh, **options)
+    if not hyper:
+        tx = make_optimizer(train.optimizer) if optimizer is None else optimizer
+        parts = StepParts(preference_loss_fn(config, train), tx, make_schedule(train.optimizer))
+        return _train_step(parts, M.PAIRS, config, train, mesh, **options)
+    if optimizer is not None:
+        raise ValueError("make_preference_step: hyper=True builds its optimizer (pass None)")
+
+    def parts_of(h: Hyper) -> StepParts:
+        loss_fn = preference_loss_fn(config, train, alpha=h["alpha"])
+        return StepParts(
+            loss_fn, make_optimizer(train.optimizer, h), make_schedule(train.optimizer, h)
+        )
+
+    rules = options.get("rules", LOGICAL_AXIS_RULES)
+    shards = state_shardings(config, make_optimizer(train.optimizer), mesh, rules)
+    return _train_step(parts_of, M.PAIRS, config, train, mesh, shardings=shards, **options)
 
 
 def make_sft_step(
@@ -354,17 +450,15 @@ def make_sft_step(
     **options: Any,
 ) -> ShardedStep:
     """Supervised fine-tuning step: mean NLL over all loss-masked tokens of the whole batch."""
-    return _train_step(sft_loss_fn(config), M.SFT_TOKENS, config, train, optimizer, mesh, **options)
+    parts = StepParts(sft_loss_fn(config), optimizer, make_schedule(train.optimizer))
+    return _train_step(parts, M.SFT_TOKENS, config, train, mesh, **options)
 
 
-def _train_step(loss_fn, weight_name, config, train, optimizer, mesh, **options) -> ShardedStep:
-    """:func:`make_step` with ``train``'s schedule and micro-batches."""
-    schedule = make_schedule(train.optimizer)
+def _train_step(parts, weight_name, config, train, mesh, **options) -> ShardedStep:
+    """:func:`make_step` with ``train``'s micro-batches."""
     return make_step(
-        loss_fn,
+        parts,
         config,
-        optimizer,
-        schedule,
         mesh,
         micro_batches=train.micro_batches,
         weight_name=weight_name,
@@ -396,13 +490,12 @@ def make_reward_model_step(
 
     if shardings is None:
         shardings = state_shardings(config, optimizer, mesh, rules, head="reward")
-    loss_fn = reward_loss_fn(score_fn)
+    parts = StepParts(reward_loss_fn(score_fn), optimizer, make_schedule(train.optimizer))
     return _train_step(
-        loss_fn,
+        parts,
         M.PAIRS,
         config,
         train,
-        optimizer,
         mesh,
         rules=rules,
         shardings=shardings,
@@ -412,13 +505,17 @@ def make_reward_model_step(
 
 __all__ = [
     "Batch",
+    "BoundStep",
+    "Hyper",
     "LossFn",
     "ShardedStep",
+    "StepParts",
     "make_preference_step",
     "make_reward_model_step",
     "make_sft_step",
     "make_step",
     "policy_logprobs",
+    "preference_hyper",
     "preference_loss_fn",
     "responses_for",
     "signature",

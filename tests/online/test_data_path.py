@@ -16,9 +16,11 @@ import pytest
 from jaxselm.config_io import load_config
 from jaxselm.data.packing import take_rows
 from jaxselm.model import forward, init_params
+from jaxselm.online import phases
 from jaxselm.online.config import RunConfig
 from jaxselm.online.context import RunContext
 from jaxselm.online.evaluation import _kl
+from jaxselm.online.metrics import MetricsWriter
 from jaxselm.online.pairs import PairSet
 from jaxselm.online.phases import sequence_logprobs
 from jaxselm.online.rollout import rollout
@@ -138,3 +140,31 @@ def test_eval_kl_is_the_mean_log_ratio_of_the_samples(ctx, params):
     kl = _kl(ctx, gen, responses, ref_params, valid)
     assert kl == pytest.approx(float(np.mean(np.array(pol) - np.array(ref))), abs=TOL)
     assert _kl(ctx, gen, responses, params, valid) == pytest.approx(0.0, abs=TOL)
+
+
+def test_train_phase_compiles_once_across_iterations(tmp_path, params):
+    # Each iteration has its own learning rate, alpha and length (steps); the step is built and
+    # compiled once per run (alpha and the schedule are call-time inputs), and alpha = 0 drops
+    # y_ref from the reference pass and the batches.
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"run: {{output_dir: {tmp_path / 'run'}, progress: false, tensorboard: false}}\n"
+        "model: {preset: tiny}\n"
+        "data: {source: task, task: sort, num_eval_prompts: 4}\n"
+        "online: {iterations: 3, batch_size: 2, max_new_tokens: 4, generation_batch_size: 4,\n"
+        "  learning_rates: [1.0e-3, 5.0e-4, 2.0e-4], alphas: [1.0e-3, 0.1, 0.0], epochs: 1}\n"
+        "judge: {kind: programmatic, function: 'jaxselm.data.tasks:score'}\n"
+        "mesh: {data: -1}\n"
+    )
+    ctx = RunContext.create(load_config(RunConfig, cfg))
+    ctx.metrics = MetricsWriter(tmp_path / "run", tensorboard=False)
+    pairs = PairSet(JUDGED, PROMPTS, SAMPLES, encode, PAD)
+    steps = []
+    for t in (1, 2, 3):
+        ref = phases.reference(ctx, t, pairs, params)
+        assert (ref.refresp is None) == (t == 3)
+        phases.train(ctx, t, pairs, ref, params)
+        steps.append(ctx.preference_step(phases.train_config(ctx, t)))
+    assert steps[0] is steps[1] and steps[0].compilations == 1
+    assert steps[2] is not steps[0] and steps[2].compilations == 1  # pairs only
+    assert not phases.greedy_refresp(ctx, 3) and phases.greedy_refresp(ctx, 1)

@@ -7,10 +7,17 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxselm.errors import ConfigError
-from jaxselm.train.optimizer import OptimizerConfig, TrainConfig, make_optimizer, make_schedule
+from jaxselm.train.optimizer import (
+    OptimizerConfig,
+    TrainConfig,
+    make_optimizer,
+    make_schedule,
+    schedule_hyper,
+)
 
 
 def test_warmup_cosine_schedule_values():
@@ -148,3 +155,39 @@ def test_train_config_defaults_are_the_paper_settings():
     assert cfg.optimizer.learning_rate == 5e-7 and cfg.optimizer.warmup_ratio == 0.1
     assert cfg.optimizer.schedule == "cosine"
     assert TrainConfig(optimizer={"total_steps": 7}).optimizer.total_steps == 7
+
+
+def _optax_schedule(cfg: OptimizerConfig):
+    """The schedule composed from optax's own schedules (the independent reference)."""
+    peak, warmup = cfg.learning_rate, cfg.resolved_warmup_steps
+    decay_steps = max(cfg.total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.final_lr_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(peak, peak * cfg.final_lr_ratio, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup,total,ratio", [(0, 7, 0.0), (3, 20, 0.1), (5, 5, 0.0)])
+def test_schedule_matches_optax_and_takes_traced_values(kind, warmup, total, ratio):
+    # One jitted schedule serves every peak / warm-up / length (the online loop's iterations):
+    # given as traced hyperparameters it equals optax's schedules for each config. Tolerance:
+    # float32 evaluation of the same formulas (1e-6 relative, 1e-12 absolute near zero).
+    cfg = OptimizerConfig(
+        learning_rate=3e-4,
+        total_steps=total,
+        warmup_steps=warmup,
+        schedule=kind,
+        final_lr_ratio=ratio,
+    )
+    steps = jnp.arange(total + 3)
+    want = jax.vmap(_optax_schedule(cfg))(steps)
+    np.testing.assert_allclose(make_schedule(cfg)(steps), want, rtol=1e-6, atol=1e-12)
+    generic = OptimizerConfig(schedule=kind, final_lr_ratio=ratio)  # other numbers
+    traced = jax.jit(lambda h, s: make_schedule(generic, h)(s))
+    np.testing.assert_allclose(traced(schedule_hyper(cfg), steps), want, rtol=1e-6, atol=1e-12)

@@ -46,6 +46,7 @@ from jaxselm.train import (
     shard_train_state,
 )
 from jaxselm.train import losses as L
+from jaxselm.train.step import preference_hyper, responses_for
 
 RTOL, ATOL = 1e-5, 2e-5
 CFG = get_preset("tiny")
@@ -407,3 +408,63 @@ def test_cope_step_sharded_equals_one_device(batch):
     for shape in [(2, 2, 2), (1, 8, 1)]:
         chex.assert_trees_all_close(results[shape][0], results[None][0], rtol=RTOL, atol=ATOL)
         chex.assert_trees_all_close(results[shape][1], results[None][1], rtol=RTOL, atol=ATOL)
+
+
+def test_hyper_step_compiles_once_and_equals_the_static_steps(runs, batch, params0):
+    # The online loop's step: alpha and the schedule are call-time inputs, so two iterations
+    # with different learning rates, lengths, warm-ups and alphas share one compilation, and
+    # each equals the step built for its own settings (same float32 math: RTOL / ATOL above).
+    tx = make_optimizer(OPT)
+    mesh = make_mesh((2, 2, 2))
+    ref = runs[None]["ref"]
+    settings = [
+        TRAIN.replace(alpha=0.05, optimizer=OPT.replace(learning_rate=1e-2, total_steps=10)),
+        TRAIN.replace(
+            alpha=0.3,
+            optimizer=OPT.replace(
+                learning_rate=3e-3, total_steps=3, warmup_steps=1, schedule="cosine"
+            ),
+        ),
+    ]
+    hyper_step = make_preference_step(CFG, settings[0], None, mesh, hyper=True)
+    for train in settings:
+        got_state = shard_train_state(to_np(create_train_state(params0, tx)), CFG, tx, mesh)
+        want_state = shard_train_state(to_np(create_train_state(params0, tx)), CFG, tx, mesh)
+        static = make_preference_step(CFG, train, make_optimizer(train.optimizer), mesh)
+        bound = hyper_step.bind(preference_hyper(train))
+        for _ in range(2):
+            got_state, got = bound(got_state, batch.replace(ref_logps=ref))
+            want_state, want = static(want_state, batch.replace(ref_logps=ref))
+            chex.assert_trees_all_close(to_np(got), to_np(want), rtol=RTOL, atol=ATOL)
+        chex.assert_trees_all_close(
+            to_np(got_state.params), to_np(want_state.params), rtol=RTOL, atol=ATOL
+        )
+    assert hyper_step.compilations == 1
+    with pytest.raises(ValueError, match="hyper=True"):
+        make_preference_step(CFG, TRAIN, tx, mesh, hyper=True)
+
+
+@pytest.mark.parametrize("loss", ["selm", "xpo"])
+def test_alpha_zero_trains_without_y_ref(loss, runs, batch, params0):
+    # alpha = 0 makes the exploration term exactly zero: y_ref is not packed, scored or trained
+    # on, and the step is DPO's (the same computation, so bit-identical), with the exploration
+    # metric reported as 0.
+    assert responses_for(loss, 0.0) == ("chosen", "rejected")
+    assert responses_for(loss, 1e-3) == ("chosen", "rejected", "refresp")
+    tx = make_optimizer(OPT)
+    mesh = single_device_mesh()
+    ref = runs[None]["ref"]
+    pairs = batch.replace(refresp=None, ref_logps=ref.replace(refresp=None))
+    out = {}
+    for name, train in (
+        ("zero", TRAIN.replace(loss=loss, alpha=0.0)),
+        ("dpo", TRAIN.replace(loss="dpo")),
+    ):
+        state = shard_train_state(to_np(create_train_state(params0, tx)), CFG, tx, mesh)
+        state, metrics = make_preference_step(CFG, train, tx, mesh)(state, pairs)
+        out[name] = (to_np(state.params), to_np(metrics))
+    chex.assert_trees_all_equal(out["zero"][0], out["dpo"][0])
+    metrics = out["zero"][1]
+    exploration = "selm/exploration" if loss == "selm" else "xpo/exploration"
+    assert metrics[exploration] == 0.0
+    assert metrics["loss/dpo"] == metrics["loss"] == out["dpo"][1]["loss"]
