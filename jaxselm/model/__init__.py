@@ -7,6 +7,7 @@ from jaxselm.model.api import (
     forward,
     init_cache,
     init_params,
+    lm_head,
     param_logical_axes,
     reward_scores,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "get_preset",
     "init_cache",
     "init_params",
+    "lm_head",
     "param_logical_axes",
     "reward_scores",
 ]

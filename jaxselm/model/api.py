@@ -92,6 +92,12 @@ def forward(
     )
 
 
+def lm_head(params: Params, config: ModelConfig) -> jax.Array:
+    """The output projection [E, V] that ``forward`` applies to the final hidden states (the
+    embedding's transpose with tied embeddings), in its stored dtype."""
+    return params["embed"].T if config.tie_embeddings else params["lm_head"]
+
+
 def reward_scores(
     params: Params, config: ModelConfig, tokens: jax.Array, attention_mask: jax.Array | None = None
 ) -> jax.Array:

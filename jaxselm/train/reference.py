@@ -25,14 +25,11 @@ from jaxselm.parallel.rules import (
     batch_shardings,
     with_mesh_rules,
 )
+from jaxselm.train.objectives import RESPONSES_WITH_REFRESP, policy_logprobs
 from jaxselm.train.state import params_shardings_for
-from jaxselm.train.step import (
-    ACTIVATION_CONSTRAINTS,
-    RESPONSES_WITH_REFRESP,
-    policy_logprobs,
-    signature,
-    split_micro_batches,
-)
+from jaxselm.train.step import ACTIVATION_CONSTRAINTS, signature, split_micro_batches
+
+REFERENCE_CHUNK = 256  # positions per block of logits in the reference pass
 
 
 def reference_logprobs(
@@ -46,7 +43,9 @@ def reference_logprobs(
     Pure and jittable (``config`` static); :func:`make_reference_fn` gives the sharded, jitted,
     micro-batched version the loop uses once per iteration.
     """
-    logps = policy_logprobs(params, config, batch, responses)
+    # No gradient here, so log-probs in blocks cost nothing extra: [B, T, V] logits never exist.
+    chunk = config.logprob_chunk or REFERENCE_CHUNK
+    logps = policy_logprobs(params, config, batch, responses, chunk=chunk)
     return LogProbs(**{name: jax.lax.stop_gradient(v) for name, v in logps.items()})
 
 

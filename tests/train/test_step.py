@@ -468,3 +468,19 @@ def test_alpha_zero_trains_without_y_ref(loss, runs, batch, params0):
     exploration = "selm/exploration" if loss == "selm" else "xpo/exploration"
     assert metrics[exploration] == 0.0
     assert metrics["loss/dpo"] == metrics["loss"] == out["dpo"][1]["loss"]
+
+
+def test_logprob_chunks_give_the_same_step(runs, batch, params0):
+    # model.logprob_chunk computes the log-probs from the hidden states a few positions at a
+    # time (no [B, T, V] logits); the step's metrics and update are the unchunked ones.
+    tx = make_optimizer(OPT)
+    mesh = make_mesh((2, 2, 2))
+    ref = runs[None]["ref"]
+    out = []
+    for cfg in (CFG, CFG.replace(logprob_chunk=4)):
+        state = shard_train_state(to_np(create_train_state(params0, tx)), cfg, tx, mesh)
+        state, metrics = make_preference_step(cfg, TRAIN, tx, mesh)(
+            state, batch.replace(ref_logps=ref)
+        )
+        out.append((to_np(state.params), to_np(metrics)))
+    chex.assert_trees_all_close(out[0], out[1], rtol=RTOL, atol=ATOL)
