@@ -103,6 +103,8 @@ def run_case(args, preset: str, mesh_shape: tuple[int, int, int]) -> dict:
     config = get_preset(preset)
     if args.dtype:
         config = config.replace(dtype=args.dtype)
+    if args.attention_impl:
+        config = config.replace(attention_impl=args.attention_impl)
     n = int(np.prod(mesh_shape))
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:n])
     train = TrainConfig(
@@ -118,7 +120,8 @@ def run_case(args, preset: str, mesh_shape: tuple[int, int, int]) -> dict:
     full = jax.device_put(full, step.batch_shardings(full))
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, full).compile()
+    hyper = {}  # a step without call-time hyperparameters still takes their (empty) dict
+    compiled = step.lower(state, full, hyper).compile()
     compile_s = time.perf_counter() - t0
     peak_bytes = None
     try:
@@ -132,12 +135,12 @@ def run_case(args, preset: str, mesh_shape: tuple[int, int, int]) -> dict:
     except Exception:  # not every backend reports it
         pass
 
-    state, metrics = compiled(state, full)  # warm-up (also the first real update)
+    state, metrics = compiled(state, full, hyper)  # warm-up (also the first real update)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, full)
+        state, metrics = compiled(state, full, hyper)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
@@ -157,6 +160,7 @@ def run_case(args, preset: str, mesh_shape: tuple[int, int, int]) -> dict:
         "devices": n,
         "device_kind": jax.devices()[0].device_kind,
         "dtype": config.dtype,
+        "attention_impl": config.attention_impl,
         "micro_batches": args.micro_batches,
         "iters": args.iters,
         "loss": float(metrics["loss"]),
@@ -176,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
+    parser.add_argument(
+        "--attention-impl", default=None, help="model.attention_impl override (default: auto)"
+    )
     parser.add_argument(
         "--peak-tflops",
         type=float,

@@ -16,13 +16,21 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import model_validator
 
-from jaxselm.config_base import FrozenConfig, PositiveFloat, PositiveInt
+from jaxselm.config_base import FrozenConfig, NonNegativeInt, PositiveFloat, PositiveInt
 
 PositionMode = Literal["rope", "cope", "cope+rope", "none", "absolute"]
 DType = Literal["float32", "bfloat16", "float16"]
 CopeImpl = Literal["auto", "reference", "xla", "pallas_tpu", "pallas_gpu"]
+AttentionImpl = Literal["auto", "xla", "blockwise", "cudnn", "splash"]
 # How a model runs, not what it computes: a checkpoint loads whatever these are set to.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "cope_impl", "remat")
+RUNTIME_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "cope_impl",
+    "attention_impl",
+    "remat",
+    "logprob_chunk",
+)
 
 
 class RopeScaling(FrozenConfig):
@@ -69,9 +77,16 @@ class ModelConfig(FrozenConfig):
     cope_npos_max: PositiveInt = 64
     cope_shared_across_layers: bool = False
     cope_impl: CopeImpl = "auto"
+    # RoPE / NoPE layers (jaxselm.kernels.attention): "auto" picks per backend and call.
+    attention_impl: AttentionImpl = "auto"
     dtype: DType = "float32"  # compute dtype of activations and matmuls
     param_dtype: DType = "float32"  # storage dtype of parameters (fp32 master weights)
     num_labels: PositiveInt = 1  # outputs of the reward (sequence-classification) head
+    # Sequence log-probs (training, reference pass) from the final hidden states this many
+    # positions at a time, so [B, T, V] float32 logits never exist (see
+    # jaxselm.train.losses.chunked_sequence_logprobs); 0: all positions at once (fastest on
+    # CPU for small vocabularies and sequences; the large-vocabulary recipes set 512).
+    logprob_chunk: NonNegativeInt = 0
     remat: bool = False  # recompute each layer's activations in the backward pass (saves memory)
 
     @model_validator(mode="before")
@@ -106,11 +121,14 @@ class ModelConfig(FrozenConfig):
             raise bad("head_dim", f"RoPE needs an even head dimension (got {self.head_dim})")
         if self.sliding_window is not None and self.uses_cope:
             raise bad("sliding_window", "is not supported with CoPE positions")
+        if self.attention_impl == "cudnn" and self.dtype == "float32":
+            # cuDNN's flash attention takes 16-bit inputs only; "auto" falls back by itself.
+            raise bad("attention_impl", "'cudnn' needs dtype bfloat16 or float16 (got float32)")
         return self
 
     def architecture_differences(self, other: ModelConfig) -> list[str]:
         """Fields (sorted) in which ``other`` describes a different network; the runtime choices
-        (``RUNTIME_FIELDS``: dtypes, CoPE implementation, remat) do not count."""
+        (``RUNTIME_FIELDS``: dtypes, attention implementations, remat) do not count."""
         mine = self.model_dump(exclude=set(RUNTIME_FIELDS))
         theirs = other.model_dump(exclude=set(RUNTIME_FIELDS))
         return sorted(k for k in mine if mine[k] != theirs[k])

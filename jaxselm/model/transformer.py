@@ -187,6 +187,7 @@ class Attention(nn.Module):
                 causal=True,
                 q_offset=q_offset,
                 sliding_window=cfg.sliding_window,
+                impl=cfg.attention_impl,
             )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         y = Linear(
