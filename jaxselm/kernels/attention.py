@@ -40,7 +40,6 @@ Implementations (all differentiable wrt q, k, v; all equal to ``xla`` within rou
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import os
 
@@ -59,6 +58,7 @@ from jaxselm.kernels.cope.common import (
     masked_softmax,
     split_heads,
 )
+from jaxselm.kernels.self_check import compare_with_xla, run_outside_trace
 
 IMPLS = ("auto", "xla", "blockwise", "cudnn", "splash")
 #: ``auto`` takes ``blockwise`` on CPU from this many keys on (and so does cuDNN's fallback
@@ -233,11 +233,6 @@ def resolve_impl(
     return "blockwise" if kv_len >= BLOCKWISE_MIN_KV_LEN and q_len > 1 else "xla"
 
 
-def _relative_error(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-6))
-
-
 def self_check(name: str, head_dim: int, dtype, group: int, causal: bool, window: bool) -> bool:
     """Compile and run ``name`` ("cudnn" or "splash") on a small problem of this kind (right
     padding, a window of 100 when ``window``), forward and gradients wrt q, k, v, against ``xla``;
@@ -270,19 +265,9 @@ def self_check(name: str, head_dim: int, dtype, group: int, causal: bool, window
             (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
             return {"out": out, "dq": grads[0], "dk": grads[1], "dv": grads[2]}
 
-        got, want = run(name), run("xla")
-        errors = {k: _relative_error(got[k], want[k]) for k in want}
-        worst = max(errors, key=errors.get)
-        ok = all(np.isfinite(e) and e <= tol for e in errors.values())
-        return ok, f"{worst} differs from xla by {errors[worst]:.3g} (relative, tolerance {tol:g})"
+        return compare_with_xla(run, name, tol)
 
-    # In a thread of its own: JAX's trace state is per thread, so the check compiles and runs now
-    # even when the caller is inside a jit trace (the model calls masked_attention while tracing).
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="attn-self-check") as pool:
-        try:
-            ok, why = pool.submit(check).result()
-        except Exception as err:  # noqa: BLE001 - any compile/run failure means: do not use it
-            ok, why = False, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    ok, why = run_outside_trace(check, "attn-self-check")
     if not ok:
         log.warning(
             "masked_attention impl=auto: %s failed its self-check on %s (head_dim=%d, %s, "

@@ -31,7 +31,6 @@ implementations when they are first used.
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import logging
 import os
@@ -43,6 +42,7 @@ import numpy as np
 from jaxselm.kernels.cope.blocks import BlockSizes
 from jaxselm.kernels.cope.common import check_inputs
 from jaxselm.kernels.cope.reference import cope_attention_reference, cope_positions
+from jaxselm.kernels.self_check import compare_with_xla, run_outside_trace
 
 IMPLS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "auto")
 
@@ -67,11 +67,6 @@ def resolve_impl(impl: str) -> str:
     if impl == "auto":
         return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(_backend(), "xla")
     return impl
-
-
-def _relative_error(got: jax.Array, want: jax.Array) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-6))
 
 
 def self_check(name: str, head_dim: int, dtype, group: int, npos: int, causal: bool) -> bool:
@@ -111,19 +106,9 @@ def self_check(name: str, head_dim: int, dtype, group: int, npos: int, causal: b
             (_, out), grads = fn(args)
             return {"out": out, **{f"d{k}": g for k, g in grads.items()}}
 
-        got, want = run(name), run("xla")
-        errors = {k: _relative_error(got[k], want[k]) for k in want}
-        worst = max(errors, key=errors.get)
-        ok = all(np.isfinite(v) and v <= tol for v in errors.values())
-        return ok, f"{worst} differs from xla by {errors[worst]:.3g} (relative, tolerance {tol:g})"
+        return compare_with_xla(run, name, tol)
 
-    # In a thread of its own: JAX's trace state is per thread, so the check compiles and runs now
-    # even when the caller is inside a jit trace (the model calls cope_attention while tracing).
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cope-self-check") as pool:
-        try:
-            ok, why = pool.submit(check).result()
-        except Exception as err:  # noqa: BLE001 - any compile/run failure means: do not use it
-            ok, why = False, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
+    ok, why = run_outside_trace(check, "cope-self-check")
     if not ok:
         log.warning(
             "cope_attention impl=auto: %s failed its self-check on %s (head_dim=%d, %s, group=%d, "
