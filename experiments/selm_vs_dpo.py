@@ -104,6 +104,8 @@ def run_one(
             "run.progress=false",
             "run.tensorboard=false",
             f"train.alpha={alpha!r}",
+            # the DPO baseline (alpha 0) scores y_ref too: its y_ref reward is a column
+            "train.refresp_metrics=true",
             f"online.iterations={iterations}",
             f"online.learning_rates={lrs}",
             *extra,

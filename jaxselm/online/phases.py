@@ -53,7 +53,8 @@ from jaxselm.parallel.multihost import (
 from jaxselm.preemption import fault_point
 from jaxselm.train import TrainConfig, make_optimizer, make_sft_step
 from jaxselm.train.driver import TrainLoop, progress
-from jaxselm.train.step import preference_hyper, responses_for
+from jaxselm.train.objectives import train_responses
+from jaxselm.train.step import preference_hyper
 
 GENERATE, JUDGE, REFERENCE = "generate.safetensors", "judge.json", "reference.safetensors"
 REFRESP = "refresp.safetensors"  # greedy y_ref responses (online.refresp: greedy)
@@ -157,7 +158,7 @@ def greedy_refresp(ctx: RunContext, t: int) -> bool:
     """Whether iteration t's y_ref is a greedy response generated apart from the samples (not
     when the loss makes no use of y_ref, e.g. SELM with alpha 0)."""
     o = ctx.cfg.online
-    used = "refresp" in responses_for(ctx.cfg.train.loss, train_config(ctx, t).alpha)
+    used = "refresp" in train_responses(train_config(ctx, t))
     return o.refresp == "greedy" and not o.greedy and used
 
 
@@ -355,7 +356,7 @@ def sequence_logprobs(
 def reference(ctx: RunContext, t: int, pairs: PairSet, ref_params: Any) -> LogProbs:
     """pi_ref's log-probs of the responses the loss needs, once per iteration."""
     train = train_config(ctx, t)
-    ref = sequence_logprobs(ctx, ref_params, pairs, responses_for(train.loss, train.alpha))
+    ref = sequence_logprobs(ctx, ref_params, pairs, train_responses(train))
     arrays = {
         f.name: getattr(ref, f.name)
         for f in dataclasses.fields(ref)
@@ -387,7 +388,7 @@ def train(ctx: RunContext, t: int, pairs: PairSet, ref: LogProbs, ref_params: An
     train_cfg = train_config(ctx, t, total)
     tx = make_optimizer(train_cfg.optimizer)  # (the state's structure; values come by hyper)
     step = ctx.preference_step(train_cfg).bind(preference_hyper(train_cfg))
-    names = responses_for(train_cfg.loss, train_cfg.alpha)
+    names = train_responses(train_cfg)
     mine = local_batch_rows(bs, ctx.mesh)  # this process's rows of each global batch
 
     def batch_at(s: int):

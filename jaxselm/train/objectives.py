@@ -31,13 +31,21 @@ RESPONSES_WITH_REFRESP = ("chosen", "rejected", "refresp")
 RESPONSES_PAIR = ("chosen", "rejected")
 
 
-def responses_for(loss: str, alpha: float | None = None) -> tuple[str, ...]:
+def responses_for(
+    loss: str, alpha: float | None = None, refresp_metrics: bool = False
+) -> tuple[str, ...]:
     """The responses a loss needs in the batch: y_ref only for selm and xpo, and not when
     ``alpha`` is 0 (their exploration term is then exactly zero: packing, scoring and training
-    on y_ref would be a third more work for nothing)."""
-    if loss in ("selm", "xpo") and alpha != 0:
+    on y_ref would be a third more work for nothing) unless ``refresp_metrics`` asks for y_ref's
+    log-ratio as a diagnostic (``rewards/refresp``, e.g. for a DPO baseline in a comparison)."""
+    if loss in ("selm", "xpo") and (alpha != 0 or refresp_metrics):
         return RESPONSES_WITH_REFRESP
     return RESPONSES_PAIR
+
+
+def train_responses(train: TrainConfig) -> tuple[str, ...]:
+    """:func:`responses_for` of a train config (loss, alpha and ``refresp_metrics``)."""
+    return responses_for(train.loss, train.alpha, train.refresp_metrics)
 
 
 def policy_logprobs(
@@ -82,10 +90,11 @@ def preference_loss_fn(
     """The per-micro-batch loss of ``train.loss`` (selm, dpo, ipo or xpo).
 
     ``alpha`` (may be traced) replaces ``train.alpha`` in the loss; whether y_ref is in the
-    batch is decided by ``train.alpha`` (see :func:`responses_for`): with ``train.alpha == 0``
-    SELM is DPO and XPO is DPO, with the exploration metrics at exactly 0.
+    batch is decided by ``train.alpha`` (see :func:`train_responses`): with ``train.alpha == 0``
+    (and no ``train.refresp_metrics``) SELM is DPO and XPO is DPO, with the exploration metrics
+    at exactly 0.
     """
-    responses = responses_for(train.loss, train.alpha)
+    responses = train_responses(train)
     alpha = train.alpha if alpha is None else alpha
 
     def loss_fn(params: Any, mb: PreferenceBatch) -> tuple[jax.Array, jax.Array, Metrics]:
@@ -168,6 +177,7 @@ __all__ = [
     "policy_logprobs",
     "preference_loss_fn",
     "responses_for",
+    "train_responses",
     "reward_loss_fn",
     "sft_loss_fn",
 ]

@@ -80,6 +80,9 @@ class TrainConfig(FrozenConfig):
     alpha: NonNegativeFloat = 1e-3
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     micro_batches: PositiveInt = 1
+    # Score y_ref even when alpha is 0 (SELM / XPO are then DPO) to report its log-ratio,
+    # rewards/refresp: a diagnostic for comparisons, at a third more train and reference work.
+    refresp_metrics: bool = False
     optimizer: OptimizerConfig = OptimizerConfig()
 
     @model_validator(mode="after")

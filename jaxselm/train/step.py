@@ -305,7 +305,7 @@ def make_preference_step(
     called as ``step(state, batch, preference_hyper(train_t))``: alpha and the schedule's peak,
     warm-up and length are inputs, so one compilation serves every online iteration
     (``optimizer`` must then be None; the update is AdamW per ``train.optimizer`` with those
-    values). Whether y_ref is in the batch follows ``train.alpha`` (:func:`responses_for`).
+    values). Whether y_ref is in the batch follows ``train.alpha`` (:func:`train_responses`).
     ``options``: ``rules``, ``donate``, ``activation_constraints`` (as for :func:`make_step`).
     """
     if not hyper:

@@ -451,6 +451,8 @@ def test_alpha_zero_trains_without_y_ref(loss, runs, batch, params0):
     # metric reported as 0.
     assert responses_for(loss, 0.0) == ("chosen", "rejected")
     assert responses_for(loss, 1e-3) == ("chosen", "rejected", "refresp")
+    # ... unless y_ref's log-ratio is wanted as a diagnostic (a DPO baseline in a comparison)
+    assert responses_for(loss, 0.0, refresp_metrics=True) == ("chosen", "rejected", "refresp")
     tx = make_optimizer(OPT)
     mesh = single_device_mesh()
     ref = runs[None]["ref"]
