@@ -143,6 +143,28 @@ def median(xs: list[float]) -> float:
     return float(np.median(np.asarray(xs, np.float64)))
 
 
+def timed_generation(call, iters: int) -> dict[str, Any]:
+    """``call(i)`` -> tokens generated: one first call (jaxselm compiles there), then ``iters``
+    timed calls; the median time, tokens/s and the first call's time (both sides measured alike).
+    """
+    t0 = time.perf_counter()
+    call(0)
+    first = time.perf_counter() - t0
+    times, count = [], 0
+    for i in range(iters):
+        t0 = time.perf_counter()
+        count = call(i + 1)
+        times.append(time.perf_counter() - t0)
+    s = median(times)
+    return {
+        "s": s,
+        "times_s": times,
+        "tokens_per_s": count / s,
+        "generated_tokens": count,
+        "first_call_s": first,
+    }
+
+
 class Timer:
     def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()

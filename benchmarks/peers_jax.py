@@ -67,22 +67,10 @@ def gen(spec: dict[str, Any]) -> dict[str, Any]:
         last[:] = [np.asarray(jax.block_until_ready(res.tokens))[:, 0].tolist()]
         return int(np.asarray(res.lengths).sum())
 
-    t0 = time.perf_counter()
-    call(0)  # compiles
-    first = time.perf_counter() - t0
-    times, count = [], 0
-    for i in range(spec["iters"]):
-        t0 = time.perf_counter()
-        count = call(i + 1)
-        times.append(time.perf_counter() - t0)
-    s = C.median(times)
+    timed = C.timed_generation(call, spec["iters"])  # the first call compiles
     return {
-        "s": s,
-        "times_s": times,
-        "tokens_per_s": count / s,
-        "generated_tokens": count,
-        "first_call_s": first,
-        "compile_s": max(first - s, 0.0),
+        **timed,
+        "compile_s": max(timed["first_call_s"] - timed["s"], 0.0),
         "load_s": load_s,
         "peak_rss_mb": C.peak_rss_mb(),
         "tokens": last[0] if spec["greedy"] else None,

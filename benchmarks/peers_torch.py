@@ -147,21 +147,8 @@ def gen(spec: dict[str, Any]) -> dict[str, Any]:
         last[:] = [out[:, width:].tolist()]
         return int(out.shape[0] * (out.shape[1] - width))
 
-    t0 = time.perf_counter()
-    call(0)
-    first = time.perf_counter() - t0
-    times, count = [], 0
-    for i in range(spec["iters"]):
-        t0 = time.perf_counter()
-        count = call(i + 1)
-        times.append(time.perf_counter() - t0)
-    s = C.median(times)
     return {
-        "s": s,
-        "times_s": times,
-        "tokens_per_s": count / s,
-        "generated_tokens": count,
-        "first_call_s": first,
+        **C.timed_generation(call, spec["iters"]),
         "load_s": load_s,
         "prompt_width": width,
         "tokens": last[0] if spec["greedy"] else None,
