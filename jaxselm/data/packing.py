@@ -225,9 +225,16 @@ def sequence_length(prompts: Sequence[Ids], *responses: Sequence[Ids]) -> int:
 
 
 def pack_sequences(
-    prompts: Sequence[Ids], responses: Sequence[Ids], pad_id: int, *, length: int | None = None
+    prompts: Sequence[Ids],
+    responses: Sequence[Ids],
+    pad_id: int,
+    *,
+    length: int | None = None,
+    prompt_loss: Sequence[Sequence[int]] | None = None,
 ) -> Sequences:
-    """Right-padded prompt + response rows, ``length`` long (default: :func:`sequence_length`)."""
+    """Right-padded prompt + response rows, ``length`` long (default: :func:`sequence_length`).
+
+    ``prompt_loss[i]``: positions in prompt i that are trained on too (a task's inner reads)."""
     if len(prompts) != len(responses):
         raise DataError(f"pack: {len(prompts)} prompts but {len(responses)} responses")
     length = sequence_length(prompts, responses) if length is None else length
@@ -237,6 +244,12 @@ def pack_sequences(
     loss = np.zeros_like(padded.mask)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         loss[i, len(p) : len(p) + len(r)] = True
+        for j in prompt_loss[i] if prompt_loss is not None else ():
+            if not 0 < j < len(p):  # position 0 has nothing before it to predict from
+                raise DataError(
+                    f"pack: prompt_loss position {j} outside prompt {i} (1..{len(p) - 1})"
+                )
+            loss[i, j] = True
     return Sequences(tokens=padded.ids, mask=padded.mask, loss_mask=loss)
 
 

@@ -67,6 +67,11 @@ class Task(abc.ABC):
     def corrupt(self, prompt: str, answer: str, rng: np.random.Generator) -> str:
         """A wrong answer close to ``answer`` (changes one or two positions)."""
 
+    def prompt_loss_words(self, prompt: str) -> list[int]:
+        """Indices of the prompt's words that SFT also trains on (beside the response): none by
+        default; Flip-Flop's inner reads with ``loss_on_reads``."""
+        return []
+
     def example(self, seed: int, split: str, index: int) -> dict[str, Any]:
         """Example ``index``: {"id", "prompt", "answer"}, and "messages" for a chat task."""
         prompt = self.sample(example_rng(seed, split, index))

@@ -11,9 +11,10 @@ each class; the defaults here are small so CPU runs are quick):
 
 * ``copy`` -- selective copy: data tokens scattered among blanks; answer = the data tokens in
   order. Paper: vocabulary 16, 256 data tokens, 256 blanks (OOD: 128 / 512 blanks).
-* ``count`` -- counting: a program of ``set x v`` / ``inc x`` / ``pass`` operations drawn with
-  weights 1 / 7 / 50 over up to 3 variables, values up to 10, then a query ``? x``; answer = the
-  value of x. Paper: up to 512 operations.
+* ``count`` -- counting as RAM's generator defines it: a program of ``x = 0 ;`` (reset),
+  ``x ++;`` (increment a set variable, at most 10) and ``pass;`` statements drawn with weights
+  1 / 7 / 50 over up to 3 variables, then ``print x``; answer = the value of x. Paper: 3 to 512
+  statements.
 * ``flipflop`` -- Flip-Flop language modelling (Liu et al. 2023): ``w b`` writes bit b, ``i b``
   is ignored, ``r b`` reads the last written bit; the prompt ends with a final ``r`` whose bit
   is the answer. In-distribution p(ignore) = 0.8; out of distribution 0.98 (sparse).
@@ -171,25 +172,34 @@ class SelectiveCopyTask(Task):
 
 
 _VAR_NAMES = "abcdefghjkmnpqrsuvwxyz"
+_SET, _INC, _PASS = 0, 1, 2
+
+
+class _GenerationFail(Exception):
+    """A statement or a sample that RAM's generator would throw away and redraw."""
 
 
 @dataclasses.dataclass(frozen=True)
 class CountingTask(Task):
-    """Counting: ``count set a 3 inc a pass inc b ... ? a`` -> the value of ``a``.
+    """Counting, as RAM's ``projects/cope/scripts/count_data_gen.py`` defines it.
 
-    The program starts by setting every variable, then draws ``min_ops..max_ops`` operations
-    with weights set / inc / pass = 1 / 7 / 50 (paper). Values stay in [0, max_value] (paper: up
-    to 10): an increment of a variable already at max_value is drawn as a set instead. Paper
-    settings: up to 512 operations, up to 3 variables.
+    ``count a = 0 ; pass; a ++; pass; b = 0 ; a ++; print a`` -> ``2``. A program of
+    ``min_ops..max_ops`` statements (RAM: 3..512), each drawn with weights set / inc / pass =
+    1 / 7 / 50: ``x = 0 ;`` (re)sets a random variable to 0, ``x ++;`` increments a variable
+    that has been set (never past ``max_value``, RAM's 10), ``pass;`` does nothing. A statement
+    that cannot be made (an increment with nothing set, or past the limit) is redrawn, up to 100
+    times; then ``print x`` asks for a variable that has been set, and a program with none is
+    redrawn whole, up to 1000 times. The words are RAM's (its tokenizer splits on spaces), after
+    the task keyword. The answer is the number of increments since x's last reset.
     """
 
     name: ClassVar[str] = "count"
     keyword: ClassVar[str] = "count"
     num_vars: int = 3
-    min_ops: int = 8
-    max_ops: int = 32
+    min_ops: int = 3
+    max_ops: int = 64
     max_value: int = 10
-    weights: tuple[float, float, float] = (1.0, 7.0, 50.0)
+    weights: tuple[float, float, float] = (1.0, 7.0, 50.0)  # set, inc, pass
 
     def __post_init__(self) -> None:
         _check(
@@ -199,51 +209,59 @@ class CountingTask(Task):
             f"must be in [1, {len(_VAR_NAMES)}]",
         )
         _check(
-            0 <= self.min_ops <= self.max_ops, "count", "min_ops", "need 0 <= min_ops <= max_ops"
+            1 <= self.min_ops <= self.max_ops, "count", "min_ops", "need 1 <= min_ops <= max_ops"
         )
         _check(1 <= self.max_value <= 99, "count", "max_value", "must be in [1, 99]")
         _check(
-            len(self.weights) == 3 and all(w >= 0 for w in self.weights) and sum(self.weights) > 0,
+            len(self.weights) == 3 and all(w >= 0 for w in self.weights) and self.weights[0] > 0,
             "count",
             "weights",
-            "three non-negative weights (set, inc, pass), not all zero",
+            "three non-negative weights (set, inc, pass), set > 0",
         )
 
     def vocab(self) -> list[str]:
         return [
             "count",
-            "set",
-            "inc",
-            "pass",
-            "?",
+            "=",
+            ";",
+            "++;",
+            "pass;",
+            "print",
             *_VAR_NAMES[: self.num_vars],
             *(str(v) for v in range(self.max_value + 1)),
         ]
 
+    def _statement(self, rng: np.random.Generator, p: np.ndarray, values: dict[str, int]):
+        names = _VAR_NAMES[: self.num_vars]
+        for _ in range(100):  # RAM: generate_statement's 100 trials
+            op = int(rng.choice(3, p=p))
+            if op == _SET:
+                var = names[int(rng.integers(len(names)))]
+                values[var] = 0
+                return [var, "=", "0", ";"]
+            if op == _PASS:
+                return ["pass;"]
+            if values:  # an increment of a variable that has been set
+                var = sorted(values)[int(rng.integers(len(values)))]
+                if values[var] + 1 <= self.max_value:
+                    values[var] += 1
+                    return [var, "++;"]
+        raise _GenerationFail
+
     def sample(self, rng: np.random.Generator) -> str:
-        names = list(_VAR_NAMES[: self.num_vars])
-        values: dict[str, int] = {}
-        words = ["count"]
-        for v in rng.permutation(names):
-            values[str(v)] = int(rng.integers(0, self.max_value + 1))
-            words += ["set", str(v), str(values[str(v)])]
         p = np.asarray(self.weights, dtype=np.float64)
         p = p / p.sum()
-        for _ in range(int(rng.integers(self.min_ops, self.max_ops + 1))):
-            op = int(rng.choice(3, p=p))
-            var = names[int(rng.integers(len(names)))]
-            if op == 1 and values[var] >= self.max_value:
-                op = 0
-            if op == 0:
-                values[var] = int(rng.integers(0, self.max_value + 1))
-                words += ["set", var, str(values[var])]
-            elif op == 1:
-                values[var] += 1
-                words += ["inc", var]
-            else:
-                words.append("pass")
-        words += ["?", names[int(rng.integers(len(names)))]]
-        return " ".join(words)
+        for _ in range(1000):  # RAM: generate_sample's 1000 trials
+            values: dict[str, int] = {}
+            words = ["count"]
+            try:
+                for _ in range(int(rng.integers(self.min_ops, self.max_ops + 1))):
+                    words += self._statement(rng, p, values)
+            except _GenerationFail:
+                continue
+            if values:
+                return " ".join([*words, "print", sorted(values)[int(rng.integers(len(values)))]])
+        raise DataError(f"count: no valid program in 1000 draws with settings {self}")
 
     def reference(self, prompt: str) -> str:
         words = self._words(prompt)
@@ -252,21 +270,21 @@ class CountingTask(Task):
         try:
             while i < len(words):
                 w = words[i]
-                if w == "set":
-                    values[words[i + 1]] = int(words[i + 2])
-                    i += 3
-                elif w == "inc":
-                    values[words[i + 1]] += 1
-                    i += 2
-                elif w == "pass":
+                if w == "pass;":
                     i += 1
-                elif w == "?" and i == len(words) - 2:
+                elif w == "print" and i == len(words) - 2:
                     return str(values[words[i + 1]])
+                elif words[i + 1] == "++;":
+                    values[w] += 1
+                    i += 2
+                elif words[i + 1 : i + 4] == ["=", "0", ";"]:
+                    values[w] = 0
+                    i += 4
                 else:
                     raise ValueError(w)
         except (IndexError, KeyError, ValueError):
             pass
-        raise DataError(f"malformed count prompt at word {i + 1}: {prompt[:40]!r}")
+        raise DataError(f"malformed count prompt at word {i + 2}: {prompt[:40]!r}")
 
     def corrupt(self, prompt: str, answer: str, rng: np.random.Generator) -> str:
         v = int(answer)
@@ -283,12 +301,16 @@ class FlipFlopTask(Task):
     probability otherwise. Every inner read carries the right bit, so whole sequences are valid
     language-modelling data. Paper (after Liu et al. 2023): p_ignore 0.8 in distribution, 0.98
     out of distribution.
+
+    ``loss_on_reads``: SFT trains on the bit of every inner read too (the language-modelling
+    setting of Liu et al., where every read is a prediction), not only on the final answer.
     """
 
     name: ClassVar[str] = "flipflop"
     keyword: ClassVar[str] = "flipflop"
     length: int = 16
     p_ignore: float = 0.8
+    loss_on_reads: bool = False
 
     def __post_init__(self) -> None:
         _check(self.length >= 2, "flipflop", "length", "must be >= 2")
@@ -329,6 +351,13 @@ class FlipFlopTask(Task):
 
     def corrupt(self, prompt: str, answer: str, rng: np.random.Generator) -> str:
         return "0" if answer == "1" else "1"
+
+    def prompt_loss_words(self, prompt: str) -> list[int]:
+        """With ``loss_on_reads``: the word index (keyword = 0) of every inner read's bit."""
+        if not self.loss_on_reads:
+            return []
+        words = prompt.split()
+        return [i + 1 for i in range(1, len(words) - 1, 2) if words[i] == "r"]
 
 
 TASKS: dict[str, type[Task]] = {
@@ -401,7 +430,8 @@ def make_demonstrations(
 
     Each of examples ``start .. start + n - 1`` gets its reference answer, replaced by a
     corrupted one with probability ``corrupt_prob``. Returns dicts with id, prompt, response
-    and ``corrupted`` (bool), and a chat task's ``messages``. Deterministic in ``seed``.
+    and ``corrupted`` (bool), a chat task's ``messages``, and ``prompt_loss_words`` (indices of
+    prompt words SFT trains on too) when the task has any. Deterministic in ``seed``.
     """
     if not 0.0 <= corrupt_prob <= 1.0:
         raise ConfigError(f"corrupt_prob: must be in [0, 1], got {corrupt_prob}")
@@ -413,6 +443,9 @@ def make_demonstrations(
         corrupted = bool(rng.random() < corrupt_prob)
         response = task.corrupt(ex["prompt"], ex["answer"], rng) if corrupted else ex["answer"]
         demo = {"id": ex["id"], "prompt": ex["prompt"], "response": response}
+        loss_words = task.prompt_loss_words(ex["prompt"])
+        if loss_words:  # prompt words trained on too (Flip-Flop's inner reads)
+            demo["prompt_loss_words"] = loss_words
         if "messages" in ex:  # a chat task: the prompt as the chat template wants it
             demo["messages"] = ex["messages"]
         out.append({**demo, "corrupted": corrupted})

@@ -105,6 +105,7 @@ def sft(ctx: RunContext, params: Any) -> Any:
             [d["response_ids"] for d in local],
             ctx.pad_id,
             length=length,
+            prompt_loss=[d.get("prompt_loss", []) for d in local],
         )
         return make_global_batch(seqs, ctx.mesh, s.batch_size)
 

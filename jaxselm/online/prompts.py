@@ -303,14 +303,32 @@ class PromptSet:
                 recs.append({**r, "response": text_of(r["chosen"])})
         out = []
         for r in recs:
+            prompt_ids = self.encode_prompt(r)
             out.append(
                 {
-                    "prompt_ids": self.encode_prompt(r),
+                    "prompt_ids": prompt_ids,
                     "response_ids": self.encode_response(r["response"]),
                     "corrupted": bool(r.get("corrupted", False)),
+                    "prompt_loss": self._prompt_loss(r, prompt_ids),
                 }
             )
         return out
+
+    def _prompt_loss(self, rec: dict[str, Any], prompt_ids: list[int]) -> list[int]:
+        """Token positions of the prompt words a task trains on too (Flip-Flop's reads): word
+        i is token i (+1 with BOS, shifted when the prompt was cut), which needs a tokenizer that
+        writes one token per word (the task's own)."""
+        words = rec.get("prompt_loss_words") or []
+        if not words:
+            return []
+        n_words = len(rec["prompt"].split())
+        if len(self.tok.encode(rec["prompt"])) != n_words:
+            raise ConfigError(
+                f"data.task_settings: {self.task.name} trains on prompt words, which needs the "
+                "task's word tokenizer (one token per word); this tokenizer splits them"
+            )
+        offset = len(prompt_ids) - n_words
+        return [offset + w for w in words if offset + w >= 0]
 
 
 def _process_index() -> int:

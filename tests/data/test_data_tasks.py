@@ -53,9 +53,10 @@ def test_known_answers():
     assert tasks.score("sort 3 1 2 =", "1 2 3 3") == pytest.approx(3 / 4)
     assert tasks.score("copy t3 _ _ t1 _ t7 =", "t3 t1 t7") == 1.0
     assert tasks.score("copy t3 _ _ t1 _ t7 =", "t3 _ t7") == pytest.approx(2 / 3)
-    assert tasks.verify("count set a 3 set b 0 inc a pass inc a inc b ? a", "5")
-    assert tasks.verify("count set a 3 set b 0 inc a set a 1 inc a ? a", "2")
-    assert not tasks.verify("count set a 3 inc a ? a", "3")
+    assert tasks.verify("count a = 0 ; b = 0 ; a ++; pass; a ++; b ++; print a", "2")
+    assert tasks.verify("count a = 0 ; a ++; a ++; pass; a = 0 ; a ++; print a", "1")
+    assert tasks.verify("count b = 0 ; pass; print b", "0")
+    assert not tasks.verify("count a = 0 ; a ++; print a", "0")
     assert tasks.verify("flipflop w 1 i 0 r 1 w 0 i 1 r", "0")
     assert tasks.verify("flipflop w 1 i 0 i 0 r", "1")
 
@@ -68,12 +69,12 @@ def test_task_settings_follow_paper_shapes():
     count = tasks.make_task("count", num_vars=2, min_ops=30, max_ops=30, max_value=10)
     for ex in tasks.generate_examples(count, 30, seed=0):
         words = ex["prompt"].split()
-        assert sum(w in ("set", "inc", "pass") for w in words) == 30 + 2
-        assert all(0 <= int(w) <= 10 for w in words if w.isdigit())
+        assert sum(w in (";", "++;", "pass;") for w in words) == 30  # statements
+        assert {w for w in words if w.isdigit()} == {"0"}  # a set always resets to 0
     # Weights 1/7/50: passes dominate.
     big = tasks.make_task("count", min_ops=400, max_ops=400)
     w = big.sample(np.random.default_rng(0)).split()
-    assert w.count("pass") > 5 * w.count("inc") > 0
+    assert w.count("pass;") > 5 * w.count("++;") > 0
     ff = tasks.make_task("flipflop", length=200, p_ignore=0.98)
     w = ff.sample(np.random.default_rng(1)).split()[1:]
     assert len(w) == 2 * 200 - 1 and w[0] == "w" and w[-1] == "r"
@@ -116,7 +117,9 @@ def test_errors():
     with pytest.raises(DataError, match="task keyword"):
         tasks.score("what is 2 + 2?", "4")
     with pytest.raises(DataError, match="malformed count prompt"):
-        tasks.score("count inc a ? a", "1")
+        tasks.score("count a ++; print a", "1")  # an increment of a variable never set
+    with pytest.raises(DataError, match="malformed count prompt"):
+        tasks.score("count a = 1 ; print a", "1")  # RAM's sets write 0 only
     with pytest.raises(ConfigError, match="corrupt_prob"):
         tasks.make_demonstrations(tasks.make_task("sort"), 2, seed=0, corrupt_prob=2.0)
 
