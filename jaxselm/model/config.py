@@ -18,7 +18,7 @@ from pydantic import model_validator
 
 from jaxselm.config_base import FrozenConfig, NonNegativeInt, PositiveFloat, PositiveInt
 
-PositionMode = Literal["rope", "cope", "cope+rope", "none", "absolute"]
+PositionMode = Literal["rope", "cope", "cope+rel", "cope+rope", "none", "absolute"]
 DType = Literal["float32", "bfloat16", "float16"]
 CopeImpl = Literal["auto", "reference", "xla", "pallas_tpu", "pallas_gpu"]
 AttentionImpl = Literal["auto", "xla", "blockwise", "cudnn", "splash"]
@@ -54,6 +54,11 @@ class RopeScaling(FrozenConfig):
 class ModelConfig(FrozenConfig):
     """A Llama-family decoder (RMSNorm, SwiGLU, GQA) with RoPE, CoPE, both, or no positions.
 
+    CoPE variants: ``cope`` (the paper's; ``cope_scaled`` picks RAM's default scaling),
+    ``cope+rel`` (RAM's: plus a learned relative-position bias, the combination the paper found
+    best on Wikitext-103) and ``cope+rope`` (ours: CoPE's bias on rotated queries and keys; not in
+    the paper).
+
     ``position="absolute"`` is the CoPE paper's learned absolute-position baseline (GPT-2 style): a
     ``[max_position_embeddings, hidden_size]`` table added to the token embeddings at the input.
     """
@@ -76,6 +81,14 @@ class ModelConfig(FrozenConfig):
     position: PositionMode = "rope"
     cope_npos_max: PositiveInt = 64
     cope_shared_across_layers: bool = False
+    # RAM's default CoPE (context_position.py): the position logits are divided by sqrt(head_dim)
+    # with the content logits, softmax((q.k + z) / sqrt(d)). False is RAM's --cope-nodiv,
+    # softmax(q.k / sqrt(d) + z), which every checkpoint written before this field used.
+    cope_scaled: bool = True
+    # position="cope+rel" (RAM's cope+rel): a learned relative-position table [R, head_dim]
+    # shared by every layer and head, bias q_i . T[min(i - j, R - 1)] / sqrt(d) added to the
+    # logits (the gates still come from q.k alone); None: R = max_position_embeddings.
+    rel_npos_max: PositiveInt | None = None
     cope_impl: CopeImpl = "auto"
     # RoPE / NoPE layers (jaxselm.kernels.attention): "auto" picks per backend and call.
     attention_impl: AttentionImpl = "auto"
@@ -121,6 +134,12 @@ class ModelConfig(FrozenConfig):
             raise bad("head_dim", f"RoPE needs an even head dimension (got {self.head_dim})")
         if self.sliding_window is not None and self.uses_cope:
             raise bad("sliding_window", "is not supported with CoPE positions")
+        if self.uses_rel and self.cope_impl not in ("auto", "reference"):
+            raise bad(
+                "cope_impl",
+                f"position cope+rel runs on the reference implementation only (got "
+                f"{self.cope_impl!r}; use auto or reference)",
+            )
         if self.attention_impl == "cudnn" and self.dtype == "float32":
             # cuDNN's flash attention takes 16-bit inputs only; "auto" falls back by itself.
             raise bad("attention_impl", "'cudnn' needs dtype bfloat16 or float16 (got float32)")
@@ -144,7 +163,16 @@ class ModelConfig(FrozenConfig):
 
     @property
     def uses_cope(self) -> bool:
-        return self.position in ("cope", "cope+rope")
+        return self.position in ("cope", "cope+rel", "cope+rope")
+
+    @property
+    def uses_rel(self) -> bool:
+        """A learned relative-position bias beside CoPE (RAM's cope+rel)."""
+        return self.position == "cope+rel"
+
+    @property
+    def resolved_rel_npos(self) -> int:
+        return self.rel_npos_max or self.max_position_embeddings
 
     @property
     def uses_absolute(self) -> bool:
@@ -164,6 +192,8 @@ class ModelConfig(FrozenConfig):
             n += self.cope_npos_max * d * (1 if self.cope_shared_across_layers else self.num_layers)
         if self.uses_absolute:
             n += self.max_position_embeddings * e
+        if self.uses_rel:
+            n += self.resolved_rel_npos * d
         if head == "lm":
             n += 0 if self.tie_embeddings else e * self.vocab_size
         else:
@@ -175,7 +205,8 @@ class ModelConfig(FrozenConfig):
 
         Forward: 2 * (matmul parameters, LM head included, embedding lookup excluded)
         + 4 * layers * heads * head_dim * seq_len (scores and weighted values) and, with CoPE,
-        2 * layers * heads * head_dim * P for the position logits q E^T. Training is 3x forward.
+        2 * layers * heads * head_dim * P for the position logits q E^T (and, with cope+rel,
+        2 * layers * heads * head_dim * min(seq_len, R) for q T^T). Training is 3x forward.
         The absolute-position table, like the token embedding, is a lookup: no matmul FLOPs.
         """
         e, d, h = self.hidden_size, self.resolved_head_dim, self.num_heads
@@ -186,11 +217,15 @@ class ModelConfig(FrozenConfig):
             )
         if self.uses_absolute:
             matmul_params -= self.max_position_embeddings * e
+        if self.uses_rel:
+            matmul_params -= self.resolved_rel_npos * d
         if self.tie_embeddings:
             matmul_params += self.vocab_size * e
         fwd = 2.0 * matmul_params + 4.0 * self.num_layers * h * d * seq_len
         if self.uses_cope:
             fwd += 2.0 * self.num_layers * h * d * self.cope_npos_max
+        if self.uses_rel:
+            fwd += 2.0 * self.num_layers * h * d * min(seq_len, self.resolved_rel_npos)
         return 3.0 * fwd if training else fwd
 
 

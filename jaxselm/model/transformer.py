@@ -12,6 +12,8 @@ Layout (names chosen to map one-to-one onto HF LlamaForCausalLM tensors):
     layers/attn/o_proj/kernel      [L, H, D, E]  ("layers", "heads", "head_dim", "embed")
     layers/attn/cope_pos_emb       [L, P, D]     ("layers", "cope_pos", "head_dim") per-layer CoPE
     cope_pos_emb                   [P, D]        shared CoPE table (cope_shared_across_layers)
+    rel_pos_emb                    [R, D]        ("cope_pos", "head_dim") cope+rel relative table,
+                                                 shared by every layer and head (RAM's layout)
     layers/mlp_norm/scale          [L, E]
     layers/mlp/{gate,up}_proj/kernel [L, E, F]   ("layers", "embed", "mlp")
     layers/mlp/down_proj/kernel    [L, F, E]     ("layers", "mlp", "embed")
@@ -123,7 +125,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, kv_mask, layer_cache, cache_index, shared_pos_emb):
+    def __call__(self, x, positions, kv_mask, layer_cache, cache_index, shared_tables):
         cfg = self.config
         h, k, d = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
@@ -159,6 +161,7 @@ class Attention(nn.Module):
             q_offset = cache_index
 
         if cfg.uses_cope:
+            shared_pos_emb, rel_emb = shared_tables
             if cfg.cope_shared_across_layers:
                 pos_emb = shared_pos_emb
             else:
@@ -168,15 +171,23 @@ class Attention(nn.Module):
                     (cfg.cope_npos_max, d),
                     pdt,
                 )
+            # RAM's default divides the position logits by sqrt(d) with the content logits
+            # (cope_scaled); scaling the table is the same function (z is linear in it). The
+            # relative bias of cope+rel is always scaled, as in RAM.
+            scale = d**-0.5
+            pos_emb = pos_emb.astype(dt)
+            if cfg.cope_scaled:
+                pos_emb = pos_emb * jnp.asarray(scale, dt)
             out = cope_attention(
                 q,
                 key,
                 val,
-                pos_emb.astype(dt),
+                pos_emb,
                 kv_mask=kv_mask,
                 causal=True,
                 q_offset=q_offset,
                 impl=cfg.cope_impl,
+                rel_emb=None if rel_emb is None else rel_emb.astype(dt) * jnp.asarray(scale, dt),
             )
         else:
             out = masked_attention(
@@ -215,13 +226,13 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, positions, kv_mask, cache_index, shared_pos_emb):
+    def __call__(self, carry, positions, kv_mask, cache_index, shared_tables):
         x, layer_cache = carry
         cfg = self.config
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x)
         a, new_cache = Attention(cfg, name="attn")(
-            h, positions, kv_mask, layer_cache, cache_index, shared_pos_emb
+            h, positions, kv_mask, layer_cache, cache_index, shared_tables
         )
         x = x + a
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x)
@@ -290,6 +301,17 @@ class Transformer(nn.Module):
                 (cfg.cope_npos_max, cfg.resolved_head_dim),
                 pdt,
             )
+        rel_emb = None
+        if cfg.uses_rel:  # RAM's RelPosEmb: randn * head_dim ** -0.5
+            rel_emb = self.param(
+                "rel_pos_emb",
+                _init(
+                    ("cope_pos", "head_dim"),
+                    nn.initializers.normal(cfg.resolved_head_dim**-0.5),
+                ),
+                (cfg.resolved_rel_npos, cfg.resolved_head_dim),
+                pdt,
+            )
 
         block = Block
         if cfg.remat:
@@ -303,7 +325,7 @@ class Transformer(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
         (x, new_layer_caches), _ = layers(
-            (x, layer_caches), positions, kv_mask, cache_index, shared_pos_emb
+            (x, layer_caches), positions, kv_mask, cache_index, (shared_pos_emb, rel_emb)
         )
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
         if last_only and self.head == "lm":

@@ -308,7 +308,8 @@ def export_metadata(path: str | os.PathLike) -> tuple[ModelConfig, str] | None:
     if not meta:
         return None
     try:
-        return ModelConfig(**meta["model"]), str(meta.get("head", "lm"))
+        # An export written before cope_scaled existed used unscaled CoPE position logits.
+        return ModelConfig(**{"cope_scaled": False, **meta["model"]}), str(meta.get("head", "lm"))
     except ConfigError as err:
         raise CheckpointError(f"{_abs(path)}: its model config is invalid ({err})") from None
 

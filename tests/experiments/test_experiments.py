@@ -28,13 +28,13 @@ def test_cope_tasks_quick(tmp_path, capsys):
     keys = {(r["task"], r["position"], r["seed"], r["steps"]) for r in results["runs"]}
     assert keys == {("count", "rope", 0, 20), ("count", "cope", 0, 20)}
     for r in results["runs"]:
-        assert 0.0 <= r["id_accuracy"] <= 1.0 and 0.0 <= r["ood_accuracy"] <= 1.0
+        assert 0.0 <= r["id_accuracy"] <= 1.0 and 0.0 <= r["ood_accuracy"]["longer"] <= 1.0
         assert r["id_error"] == pytest.approx(100 * (1 - r["id_accuracy"]))
-        assert r["ood_error"] == pytest.approx(100 * (1 - r["ood_accuracy"]))
+        assert r["ood_error"]["longer"] == pytest.approx(100 * (1 - r["ood_accuracy"]["longer"]))
         # the ID and OOD evaluations are the runs' own metrics files
         assert (Path(r["run_dir"]) / "metrics.jsonl").is_file()
-        assert (Path(r["run_dir"] + "-ood") / "metrics.jsonl").is_file()
-        assert r["ood_settings"]["max_ops"] > r["id_settings"]["max_ops"]
+        assert (Path(r["run_dir"] + "-ood-longer") / "metrics.jsonl").is_file()
+        assert r["ood_settings"]["longer"]["min_ops"] > r["id_settings"]["max_ops"]
     table = (out / "cope_tasks.md").read_text()
     assert table == mod.make_table(results)
     assert "| count |" in table and "RoPE" in table and "CoPE" in table
@@ -47,13 +47,13 @@ def test_cope_tasks_quick(tmp_path, capsys):
 
     # The table follows the JSON: edit a number, rebuild, and the table shows it.
     results["runs"][0]["id_error"] = 12.3456
-    results["runs"][0]["ood_error"] = 65.4321
+    results["runs"][0]["ood_error"] = {"longer": 65.4321}
     (out / "cope_tasks.json").write_text(json.dumps(results))
     assert mod.main(["--table-only", "--out", str(out)]) == 0
     assert "12.3 / 65.4" in (out / "cope_tasks.md").read_text()
 
     # --merge adds the runs of a parallel sweep's JSON (here: one run relabelled as seed 7) once.
-    other = {"runs": [dict(results["runs"][1], seed=7, id_error=1.0, ood_error=2.0)]}
+    other = {"runs": [dict(results["runs"][1], seed=7, id_error=1.0, ood_error={"longer": 2.0})]}
     (tmp_path / "other.json").write_text(json.dumps(other))
     for _ in range(2):
         assert mod.main(["--merge", str(tmp_path / "other.json"), "--out", str(out)]) == 0

@@ -19,11 +19,11 @@ from jaxselm.model import (
     reward_scores,
 )
 
-MODES = ["rope", "cope", "cope+rope", "none", "absolute"]
+MODES = ["rope", "cope", "cope+rel", "cope+rope", "none", "absolute"]
 
 
 def _config(position, **kw):
-    return get_preset("tiny", position=position, cope_npos_max=8, **kw)
+    return get_preset("tiny", position=position, cope_npos_max=8, rel_npos_max=6, **kw)
 
 
 @functools.cache

@@ -247,3 +247,28 @@ def test_damaged_export_is_one_line_on_the_terminal(tiny_export, tmp_path, damag
         f"jaxselm convert: error: params checkpoint {bad}"
     ), res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_export_written_before_cope_scaled_loads_unscaled(tmp_path):
+    """An export whose model config predates ``cope_scaled`` used unscaled (RAM --cope-nodiv)
+    CoPE: it loads as such, and a run config with today's default is refused naming the key."""
+    import orbax.checkpoint as ocp
+
+    from jaxselm.checkpoints import load_checkpoint
+
+    cfg = get_preset("tiny-cope")
+    assert cfg.cope_scaled  # the default for new configs
+    params = init_params(cfg, jax.random.key(0))
+    old = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "cope_scaled"}
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "old", params, custom_metadata={"jaxselm": {"model": old}})
+        ckptr.wait_until_finished()
+    loaded, _ = load_checkpoint(tmp_path / "old")
+    assert loaded.cope_scaled is False
+    with pytest.raises(CheckpointError, match="cope_scaled is False but the run config's"):
+        load_checkpoint(tmp_path / "old", model_config=cfg)
+    got, _ = load_checkpoint(tmp_path / "old", model_config=cfg.replace(cope_scaled=False))
+    assert got.cope_scaled is False
+    # a new export records the field
+    save_params(tmp_path / "new", params, model_config=cfg)
+    assert load_checkpoint(tmp_path / "new")[0].cope_scaled is True

@@ -9,7 +9,8 @@ of a layer); kv_mask [B, S] bool (True = valid key). Query i sits at absolute ke
 
 Implementations (all differentiable wrt q, k, v and pos_emb, all matching the reference):
 
-* ``"reference"``: paper-exact jnp, materialises [B, H, T, S] (tests, short sequences).
+* ``"reference"``: paper-exact jnp, materialises [B, H, T, S] (tests, short sequences); the only
+  one with ``rel_emb`` (RAM's cope+rel relative bias).
 * ``"xla"``: blockwise jnp with a custom VJP, O(T * block) memory (CPU, portable fallback).
 * ``"pallas_tpu"``: Mosaic TPU Pallas kernels (forward, dq and dk/dv backward kernels).
 * ``"pallas_gpu"``: Triton-backend Pallas kernels for NVIDIA GPUs (same three kernels).
@@ -151,17 +152,30 @@ def cope_attention(
     impl: str = "reference",
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    rel_emb: jax.Array | None = None,
 ) -> jax.Array:
     """CoPE attention (Golovneva et al., 2024). Returns [B, T, H, D] in q's dtype.
 
     ``block_sizes`` overrides an implementation's default tiling (ignored by "reference");
     ``interpret`` forces Pallas interpret mode on or off (default: on when the backend is CPU).
+    ``rel_emb`` [R, D]: RAM's ``cope+rel`` relative-position bias (see
+    :func:`~jaxselm.kernels.cope.reference.relative_bias`); only the reference implements it,
+    so ``auto`` takes the reference and any other impl is refused.
     """
     check_inputs(q, k, v, pos_emb, kv_mask)
+    if rel_emb is not None:
+        if rel_emb.ndim != 2 or rel_emb.shape[1] != q.shape[-1]:
+            raise ValueError(f"cope_attention: rel_emb {rel_emb.shape} must be [R, {q.shape[-1]}]")
+        if impl not in ("auto", "reference"):
+            raise ValueError(
+                f"cope_attention: rel_emb (cope+rel) is implemented by impl='reference' only, "
+                f"not {impl!r}"
+            )
+        impl = "reference"
     name = _auto(q, k, pos_emb, causal) if impl == "auto" else resolve_impl(impl)
     kw = {"kv_mask": kv_mask, "causal": causal, "scale": scale, "q_offset": q_offset}
     if name == "reference":
-        return cope_attention_reference(q, k, v, pos_emb, **kw)
+        return cope_attention_reference(q, k, v, pos_emb, rel_emb=rel_emb, **kw)
     if name == "xla":
         from jaxselm.kernels.cope.blockwise import cope_attention_blockwise
 

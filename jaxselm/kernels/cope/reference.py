@@ -61,6 +61,20 @@ def cope_logits(
     return s + bias, gates, pos
 
 
+def relative_bias(
+    q: jax.Array, rel_emb: jax.Array, kv_len: int, q_offset: jax.Array | int | None
+) -> jax.Array:
+    """[B, K, G, T, S] bias q_i . rel_emb[min(i - j, R - 1)] for query slot ``q_offset + i`` and
+    key slot j (RAM's RelPosEmb with ``extend``: keys further than R - 1 share the last row;
+    future keys get row 0 and are masked by the caller). ``q`` is [B, T, K, G, D]."""
+    t = q.shape[1]
+    q_offset = kv_len - t if q_offset is None else q_offset
+    dist = jnp.arange(t)[:, None] + q_offset - jnp.arange(kv_len)[None, :]
+    dist = jnp.clip(dist, 0, rel_emb.shape[0] - 1)  # [T, S]
+    z = jnp.einsum("btkgd,rd->bkgtr", q, rel_emb)  # [B, K, G, T, R]
+    return jnp.take_along_axis(z, jnp.broadcast_to(dist, (*z.shape[:3], *dist.shape)), axis=-1)
+
+
 def cope_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -71,8 +85,12 @@ def cope_attention_reference(
     causal: bool = True,
     scale: float | None = None,
     q_offset: jax.Array | int | None = None,
+    rel_emb: jax.Array | None = None,
 ) -> jax.Array:
-    """CoPE attention, exactly as the paper's listing. Shapes as in :func:`cope_attention`."""
+    """CoPE attention, exactly as the paper's listing. Shapes as in :func:`cope_attention`.
+
+    ``rel_emb`` [R, D] adds RAM's relative-position bias (``cope+rel``): q_i . rel_emb[min(i - j,
+    R - 1)], unscaled like the CoPE bias, after the gates (which see q.k only)."""
     out_dtype = q.dtype
     dt = compute_dtype(q.dtype)
     b, t, h, d = q.shape
@@ -80,6 +98,8 @@ def cope_attention_reference(
     qg = split_heads(q, k.shape[2]).astype(dt)
     mask = attention_mask(b, t, s_len, kv_mask=kv_mask, causal=causal, q_offset=q_offset)
     logits, _, _ = cope_logits(qg, k.astype(dt), pos_emb.astype(dt), mask, default_scale(scale, d))
+    if rel_emb is not None:
+        logits = logits + relative_bias(qg, rel_emb.astype(dt), s_len, q_offset)
     probs = masked_softmax(logits, mask)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt))
     return out.reshape(b, t, h, v.shape[-1]).astype(out_dtype)
