@@ -137,6 +137,46 @@ class RewardModelJudgeConfig(FrozenConfig):
     min_bucket: PositiveInt = 16
 
 
+class LearnedRewardModelJudgeConfig(FrozenConfig):
+    """A reward model retrained every iteration on the preferences labelled so far.
+
+    Each iteration the ``annotator`` (``fn(prompt, response) -> float``, e.g. a task's verifier
+    standing in for a human labeller) labels ``labels_per_iteration`` pairs of that iteration's
+    samples (two different samples of a random prompt; ties are dropped). A reward model (the
+    ``model`` section, vocabulary taken from the run's tokenizer) is trained from its seeded
+    init for ``steps`` Bradley-Terry steps on every label so far, then judges all samples. So the
+    judge is uncertain where labels are few, as a learned reward model is: what SELM's optimism is
+    meant to act on. The labels are kept in each iteration's folder (``rm_labels.json``), so a
+    resumed run retrains the same model without asking the annotator again.
+    """
+
+    _error_prefix: ClassVar[str] = "judge"
+
+    kind: Literal["learned_reward_model"] = "learned_reward_model"
+    annotator: str  # e.g. "jaxselm.data.tasks:score"
+    labels_per_iteration: PositiveInt = 64
+    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny"})
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 16
+    learning_rate: PositiveFloat = 1e-3
+    seed: int = 0
+    score_batch_size: PositiveInt = 64  # rows per scoring forward pass
+
+    @field_validator("annotator")
+    @classmethod
+    def _spec(cls, v: str) -> str:
+        if not SPEC_RE.match(v):
+            raise ValueError("must look like 'package.module:function'")
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if "vocab_size" in v:
+            raise ValueError("vocab_size: taken from the run's tokenizer; leave it out")
+        return v
+
+
 class LLMJudgeConfig(FrozenConfig):
     """An LLM behind an OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint.
 
@@ -226,23 +266,39 @@ class LLMJudgeConfig(FrozenConfig):
 
 
 JudgeConfig = Annotated[
-    ProgrammaticJudgeConfig | RewardModelJudgeConfig | LLMJudgeConfig,
+    ProgrammaticJudgeConfig
+    | RewardModelJudgeConfig
+    | LearnedRewardModelJudgeConfig
+    | LLMJudgeConfig,
     Field(discriminator="kind"),
 ]
-JUDGE_KINDS = ("programmatic", "reward_model", "llm")
+JUDGE_KINDS = ("programmatic", "reward_model", "learned_reward_model", "llm")
 
 _ADAPTER: TypeAdapter = TypeAdapter(JudgeConfig)
 
 
 def parse_judge_config(
     data: Any, *, prefix: str = "judge"
-) -> ProgrammaticJudgeConfig | RewardModelJudgeConfig | LLMJudgeConfig:
+) -> (
+    ProgrammaticJudgeConfig
+    | RewardModelJudgeConfig
+    | LearnedRewardModelJudgeConfig
+    | LLMJudgeConfig
+):
     """Validate a mapping (e.g. the ``judge:`` section of a YAML file) into a judge config.
 
     A config object is returned unchanged. Errors are one-line ConfigErrors such as
-    ``judge.kind: unknown judge kind 'gpt'; choose one of programmatic, reward_model, llm``.
+    ``judge.kind: unknown judge kind 'gpt'; choose one of programmatic, reward_model, ...``.
     """
-    if isinstance(data, (ProgrammaticJudgeConfig, RewardModelJudgeConfig, LLMJudgeConfig)):
+    if isinstance(
+        data,
+        (
+            ProgrammaticJudgeConfig,
+            RewardModelJudgeConfig,
+            LearnedRewardModelJudgeConfig,
+            LLMJudgeConfig,
+        ),
+    ):
         return data
     if not isinstance(data, dict):
         raise ConfigError(

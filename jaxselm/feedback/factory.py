@@ -16,6 +16,7 @@ from typing import Any
 from jaxselm.errors import JudgeError
 from jaxselm.feedback.base import Judge
 from jaxselm.feedback.config import (
+    LearnedRewardModelJudgeConfig,
     LLMJudgeConfig,
     ProgrammaticJudgeConfig,
     RewardModelJudgeConfig,
@@ -56,6 +57,11 @@ def make_judge(
                 f"and tokenizer{where}"
             )
         return RewardModelJudge.from_params(params, model_config, tokenizer, config, **judge_kwargs)
+    if isinstance(config, LearnedRewardModelJudgeConfig):
+        raise JudgeError(
+            "judge.kind: learned_reward_model trains a model each iteration, so the online loop "
+            "builds it (jaxselm.online.learned_judge.LearnedRewardJudge), not make_judge"
+        )
     raise JudgeError(
         f"judge.kind: unsupported config {type(config).__name__}"
     )  # unreachable: parse checked kind

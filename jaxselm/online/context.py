@@ -28,6 +28,7 @@ from jaxselm.data.tokenizer import Tokenizer
 from jaxselm.errors import CheckpointError, ConfigError, JudgeError
 from jaxselm.feedback import (
     Judge,
+    LearnedRewardModelJudgeConfig,
     ProgrammaticJudgeConfig,
     RewardModelJudgeConfig,
     make_judge,
@@ -244,6 +245,12 @@ def build_judge(cfg: RunConfig, tokenizer: Tokenizer, config_dir: str | None = N
     jc = cfg.judge
     if isinstance(jc, ProgrammaticJudgeConfig):
         return make_judge(jc, search_dirs=[config_dir] if config_dir else [])
+    if isinstance(jc, LearnedRewardModelJudgeConfig):
+        from jaxselm.online.learned_judge import LearnedRewardJudge
+
+        return LearnedRewardJudge.from_config(
+            jc, tokenizer, search_dirs=[config_dir] if config_dir else []
+        )
     if not isinstance(jc, RewardModelJudgeConfig):
         return make_judge(jc)
     if jc.checkpoint is None:

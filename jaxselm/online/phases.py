@@ -199,6 +199,15 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
     judged = [i for i, r in enumerate(recs) if not r.get("skipped")]
     per_call = max(1, JUDGE_CHUNK // (n + 2 * use_ds))
     judge.reset_stats()
+    begin = getattr(judge, "begin_iteration", None)
+    if begin is not None:  # a judge that learns from each iteration (learned_reward_model)
+        begin(
+            t,
+            [recs[i]["prompt"] for i in judged],
+            [texts[i * n : (i + 1) * n] for i in judged],
+            ctx.iter_dir(t),
+            ctx.iter_dir(t - 1) if t > 1 else None,
+        )
     for s in progress(
         range(0, len(judged), per_call),
         total=math.ceil(len(judged) / per_call),

@@ -138,7 +138,7 @@ def test_bad_module_function_specs(scorer_module, spec, error, match):
         (
             {"kind": "oracle"},
             r"^judge\.kind: unknown judge kind 'oracle'; "
-            r"choose one of programmatic, reward_model, llm$",
+            r"choose one of programmatic, reward_model, learned_reward_model, llm$",
         ),
         ({"function": "m:f"}, r"^judge\.kind: missing"),
         ("programmatic", r"^judge: must be a mapping"),
@@ -148,6 +148,8 @@ def test_bad_module_function_specs(scorer_module, spec, error, match):
         ({"kind": "reward_model", "batch_size": 0}, r"^judge\.batch_size: must be >= 1"),
         ({"kind": "reward_model", "max_length": "long"}, r"^judge\.max_length: "),
         ({"kind": "llm", "model": "m"}, r"^judge\.base_url: Field required"),
+        ({"kind": "learned_reward_model"}, r"^judge\.annotator: Field required"),
+        ({"kind": "learned_reward_model", "annotator": "m:f", "steps": 0}, r"^judge\.steps: "),
     ],
 )
 def test_bad_judge_configs_are_one_line_config_errors(data, match):
