@@ -25,6 +25,7 @@ LOGPS_REFRESP = "logps/refresp"
 LOSS_DPO = "loss/dpo"
 SELM_EXPLORATION = "selm/exploration"
 XPO_EXPLORATION = "xpo/exploration"
+ENTROPY = "policy/entropy"  # mean next-token entropy over a pair's response tokens
 
 SFT_NLL = "sft/nll"
 SFT_ACCURACY = "sft/accuracy"

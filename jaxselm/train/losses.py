@@ -64,6 +64,15 @@ def sequence_logprobs(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array
     return jnp.sum(logp_BT * mask_BT, axis=-1)
 
 
+def sequence_entropy(logits: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Summed next-token entropy H(p(. | logits[:, t])) over the positions that predict a masked
+    token (the same positions :func:`sequence_logprobs` scores), float32 [B]."""
+    chex.assert_rank(logits, 3)
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    ent_BT = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    return jnp.sum(ent_BT * _f32(loss_mask[:, 1:]), axis=-1)
+
+
 def chunked_sequence_logprobs(
     hidden: jax.Array,
     weight: jax.Array,

@@ -54,11 +54,14 @@ def policy_logprobs(
     batch: PreferenceBatch,
     responses: tuple[str, ...] = RESPONSES_WITH_REFRESP,
     chunk: int | None = None,
+    entropy: bool = False,
 ) -> dict[str, jax.Array]:
     """Summed response log-probs {name: float32 [B]} from ONE forward over all responses.
 
     ``chunk`` (default ``config.logprob_chunk``; 0 = all positions at once): positions per
-    block of logits (:func:`jaxselm.train.losses.chunked_sequence_logprobs`).
+    block of logits (:func:`jaxselm.train.losses.chunked_sequence_logprobs`). ``entropy`` adds
+    ``entropy/<name>`` (summed next-token entropy) and ``tokens/<name>`` (scored tokens) per
+    response; it needs the full logits (chunk 0).
     """
     seqs: list[Sequences] = [getattr(batch, name) for name in responses]
     chex.assert_rank(seqs[0].tokens, 2)
@@ -73,15 +76,23 @@ def policy_logprobs(
     tokens = interleave("tokens").astype(jnp.int32)
     mask, loss_mask = interleave("mask"), interleave("loss_mask")
     chunk = config.logprob_chunk if chunk is None else chunk
+    out: dict[str, jax.Array] = {}
     if chunk:
+        if entropy:
+            raise ConfigError("train.entropy_bonus: needs model.logprob_chunk=0 (full logits)")
         hidden = forward(params, config, tokens, attention_mask=mask, return_hidden=True)
         w = lm_head(params, config)
         logps = L.chunked_sequence_logprobs(hidden, w, tokens, loss_mask, chunk=chunk)
     else:
         logits = forward(params, config, tokens, attention_mask=mask)
         logps = L.sequence_logprobs(logits, tokens, loss_mask)
+        if entropy:
+            ent = L.sequence_entropy(logits, loss_mask).reshape(B, k)
+            n = jnp.sum(loss_mask[:, 1:].astype(jnp.float32), axis=-1).reshape(B, k)
+            for i, name in enumerate(responses):
+                out[f"entropy/{name}"], out[f"tokens/{name}"] = ent[:, i], n[:, i]
     logps = logps.reshape(B, k)
-    return {name: logps[:, i] for i, name in enumerate(responses)}
+    return {**{name: logps[:, i] for i, name in enumerate(responses)}, **out}
 
 
 def preference_loss_fn(
@@ -100,7 +111,7 @@ def preference_loss_fn(
     def loss_fn(params: Any, mb: PreferenceBatch) -> tuple[jax.Array, jax.Array, Metrics]:
         if mb.ref_logps is None:
             raise ConfigError("batch.ref_logps: a preference step needs the reference log-probs")
-        pol = policy_logprobs(params, config, mb, responses)
+        pol = policy_logprobs(params, config, mb, responses, entropy=train.entropy_bonus > 0)
         ref = mb.ref_logps
         common = (pol["chosen"], pol["rejected"], ref.chosen, ref.rejected)
         if train.loss == "selm" and "refresp" in pol:
@@ -127,6 +138,12 @@ def preference_loss_fn(
             losses, metrics = L.xpo_loss_terms(
                 *common, pol["refresp"], beta=train.beta, alpha=alpha
             )
+        if train.entropy_bonus > 0:  # mean token entropy of each pair's two responses
+            ent = (pol["entropy/chosen"] + pol["entropy/rejected"]) / jnp.maximum(
+                pol["tokens/chosen"] + pol["tokens/rejected"], 1.0
+            )
+            losses = losses - train.entropy_bonus * ent
+            metrics[M.ENTROPY] = jax.lax.stop_gradient(ent)
         weight = jnp.asarray(losses.shape[0], jnp.float32)
         return jnp.sum(losses), weight, {k: jnp.sum(v) for k, v in metrics.items()}
 

@@ -83,6 +83,10 @@ class TrainConfig(FrozenConfig):
     # Score y_ref even when alpha is 0 (SELM / XPO are then DPO) to report its log-ratio,
     # rewards/refresp: a diagnostic for comparisons, at a third more train and reference work.
     refresp_metrics: bool = False
+    # Subtract entropy_bonus x the policy's mean next-token entropy over each pair's chosen and
+    # rejected response tokens (a control for exploration: more randomness, no optimism). Needs
+    # model.logprob_chunk = 0 (the full logits).
+    entropy_bonus: NonNegativeFloat = 0.0
     optimizer: OptimizerConfig = OptimizerConfig()
 
     @model_validator(mode="after")
