@@ -126,7 +126,7 @@ def eval_command(
     recs = ctx.prompts.evaluation()
     prompts = [r["prompt"] for r in recs]
     texts = respond(ctx, ctx.load_params(checkpoint), recs, greedy=True)
-    scores = ctx.judge.score(prompts, texts)
+    scores = ctx.evaluator.score(prompts, texts)
     result: dict[str, Any] = {
         "checkpoint": checkpoint,
         "n": len(recs),
@@ -135,7 +135,7 @@ def eval_command(
     }
     if baseline:
         base = respond(ctx, ctx.load_params(baseline), recs, greedy=True)
-        wins = ctx.judge.compare_batch(prompts, texts, base)
+        wins = ctx.evaluator.compare_batch(prompts, texts, base)
         result.update(
             baseline=baseline, win_rate=float(np.nanmean(wins)), judged=int(np.isfinite(wins).sum())
         )

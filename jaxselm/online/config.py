@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, ClassVar, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import ValidationInfo, field_validator, model_validator
 
 from jaxselm.checkpoints import read_model_config
 from jaxselm.config_base import (
@@ -206,6 +206,9 @@ class RunConfig(FrozenConfig):
     online: OnlineSection = OnlineSection()
     train: TrainConfig = TrainConfig()
     judge: JudgeConfig = ProgrammaticJudgeConfig(function="jaxselm.data.tasks:score")
+    # Who scores the evaluation (held-out rewards, accuracies, win rates); default: the judge.
+    # E.g. a verifier here while a learned reward model labels the training pairs.
+    eval_judge: JudgeConfig | None = None
     mesh: MeshConfig = MeshConfig()
 
     @model_validator(mode="before")
@@ -301,16 +304,28 @@ class RunConfig(FrozenConfig):
             )
         return self
 
-    @field_validator("judge", mode="before")
+    @field_validator("judge", "eval_judge", mode="before")
     @classmethod
-    def _parse_judge(cls, v: Any) -> Any:
+    def _parse_judge(cls, v: Any, info: ValidationInfo) -> Any:
         # parse_judge_config names the kind first ("unknown judge kind 'gpt'; choose one of ...")
-        # and drops the union tag from the key path; its errors are re-anchored under "judge".
+        # and drops the union tag from the key path; its errors are re-anchored under the field.
+        field = info.field_name
+        if v is None and field == "eval_judge":
+            return None
         try:
-            return parse_judge_config(v)
+            parsed = parse_judge_config(v, prefix=field)
         except ConfigError as err:
-            msg = str(err).removeprefix("judge").lstrip(".")
+            msg = str(err).removeprefix(field).lstrip(".")
             path, _, detail = msg.partition(": ")
             raise ConfigError(
                 str(err), path=tuple(p for p in path.split(".") if p), detail=detail
             ) from None
+        if field == "eval_judge" and getattr(parsed, "kind", "") == "learned_reward_model":
+            raise ConfigError(
+                "eval_judge.kind: learned_reward_model learns from training samples; "
+                "evaluate with a fixed judge",
+                path=("kind",),
+                detail="learned_reward_model learns from training samples; evaluate with a "
+                "fixed judge",
+            )
+        return parsed

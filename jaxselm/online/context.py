@@ -63,6 +63,7 @@ class RunContext:
     prompts: PromptSet
     mesh: jax.sharding.Mesh
     judge: Judge | None
+    eval_judge: Judge | None = None  # the evaluation's judge when it is not ``judge``
     log: Callable[..., None] = print
     metrics: MetricsWriter | None = None
     stop: Callable[[], bool] = lambda: False  # SIGTERM seen (set by the orchestrator)
@@ -89,6 +90,10 @@ class RunContext:
         judge = build_judge(cfg, tok, config_dir) if with_judge else None
         if judge is not None:
             check_judge(judge)
+        eval_judge = None
+        if with_judge and cfg.eval_judge is not None:
+            eval_judge = build_judge(cfg, tok, config_dir, cfg.eval_judge, field="eval_judge")
+            check_judge(eval_judge)
         mesh = make_mesh(cfg.mesh)
         prompts = PromptSet(cfg, tok, Path(cfg.run.output_dir))
         return cls(
@@ -97,10 +102,16 @@ class RunContext:
             prompts=prompts,
             mesh=mesh,
             judge=judge,
+            eval_judge=eval_judge,
             log=log if is_primary() else _quiet,
         )
 
     # -- shortcuts ---------------------------------------------------------------------------
+    @property
+    def evaluator(self) -> Judge | None:
+        """Who scores evaluations: ``eval_judge`` when the config names one, else the judge."""
+        return self.eval_judge if self.eval_judge is not None else self.judge
+
     @property
     def model(self) -> ModelConfig:
         return self.cfg.model
@@ -175,6 +186,7 @@ class RunContext:
             f"from {origin}",
             f"tokenizer: {tok.source} ({tok.vocab_size} tokens, {template}, eos {tok.eos_id})",
             f"judge: {self.judge!r}" if self.judge is not None else "judge: none",
+            *([f"eval judge: {self.eval_judge!r}"] if self.eval_judge is not None else []),
             self.prompts.describe(),
             *self.prompts.notes,
             f"devices: {len(devices)} x {devices[0].platform} over {jax.process_count()} "
@@ -239,10 +251,18 @@ def check_judge(judge: Judge) -> None:
         raise failed or JudgeError("judge: the judge check failed on process 0 (its log says why)")
 
 
-def build_judge(cfg: RunConfig, tokenizer: Tokenizer, config_dir: str | None = None) -> Judge:
-    """The run's judge; a reward-model judge's checkpoint (an HF LlamaForSequenceClassification
-    directory, or a `jaxselm train-rm` export) is loaded here."""
-    jc = cfg.judge
+def build_judge(
+    cfg: RunConfig,
+    tokenizer: Tokenizer,
+    config_dir: str | None = None,
+    jc: Any = None,
+    *,
+    field: str = "judge",
+) -> Judge:
+    """The run's judge (or ``jc``, e.g. the eval judge); a reward-model judge's checkpoint (an
+    HF LlamaForSequenceClassification directory, or a `jaxselm train-rm` export) is loaded
+    here."""
+    jc = cfg.judge if jc is None else jc
     if isinstance(jc, ProgrammaticJudgeConfig):
         return make_judge(jc, search_dirs=[config_dir] if config_dir else [])
     if isinstance(jc, LearnedRewardModelJudgeConfig):
@@ -254,7 +274,9 @@ def build_judge(cfg: RunConfig, tokenizer: Tokenizer, config_dir: str | None = N
     if not isinstance(jc, RewardModelJudgeConfig):
         return make_judge(jc)
     if jc.checkpoint is None:
-        raise ConfigError("judge.checkpoint: the reward_model judge needs a checkpoint directory")
+        raise ConfigError(
+            f"{field}.checkpoint: the reward_model judge needs a checkpoint directory"
+        )
     # With several processes each loads its own copy onto its first local device (only process
     # 0 calls the judge; jax.devices()[0], the default, belongs to process 0 alone).
     mesh = single_device_mesh(jax.local_devices()[0]) if jax.process_count() > 1 else None
@@ -263,7 +285,7 @@ def build_judge(cfg: RunConfig, tokenizer: Tokenizer, config_dir: str | None = N
         own = cfg.model if read_model_config(jc.checkpoint) is None else None
         rm_cfg, params = load_checkpoint(jc.checkpoint, head="reward", model_config=own, mesh=mesh)
     except CheckpointError as err:
-        raise CheckpointError(f"judge.checkpoint: {err}") from None
+        raise CheckpointError(f"{field}.checkpoint: {err}") from None
     return make_judge(
         jc, params=params, model_config=rm_cfg, tokenizer=tokenizer, pad_id=tokenizer.pad_id
     )

@@ -1,5 +1,7 @@
 """The evaluation phase: how good the policy after iteration t is, on fixed held-out prompts.
 
+Scores come from ``eval_judge`` when the run config names one, else from the judge.
+
 * greedy responses: the judge's reward (``eval/reward``), exact-answer accuracy (``eval/accuracy``,
   score 1 from a verifier), length and diversity, and the win rate against iteration t-1's
   greedy responses to the same prompts (``eval/win_rate``);
@@ -94,7 +96,7 @@ def evaluate(ctx: RunContext, t: int, params: Any, ref_params: Any | None) -> di
                 wins = np.full(len(prompts), np.nan)
                 if is_primary() and valid.any():
                     rows = np.flatnonzero(valid)
-                    wins[rows] = ctx.judge.compare_batch(
+                    wins[rows] = ctx.evaluator.compare_batch(
                         [prompts[i] for i in rows], [cur[i] for i in rows], [old[i] for i in rows]
                     )
                 row[name] = _mean(wins)
@@ -150,7 +152,7 @@ def _scores(ctx: RunContext, prompts: list[str], texts: list[str], valid: np.nda
     out = np.full(len(texts), np.nan)
     if is_primary() and valid.any():
         rows = np.flatnonzero(valid)
-        out[rows] = ctx.judge.score([prompts[i] for i in rows], [texts[i] for i in rows])
+        out[rows] = ctx.evaluator.score([prompts[i] for i in rows], [texts[i] for i in rows])
     return out
 
 

@@ -114,6 +114,13 @@ def test_prompts_whose_samples_are_all_alike_give_no_label(tmp_path):
 
 
 def test_config_errors_are_one_line_and_name_the_field():
+    from jaxselm.config_io import load_config
+    from jaxselm.online.config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"eval_judge.kind: learned_reward_model learns"):
+        load_config(RunConfig, None, ["eval_judge=" + json.dumps(_config().model_dump())])
+    with pytest.raises(ConfigError, match=r"eval_judge.function: must look like"):
+        load_config(RunConfig, None, ['eval_judge={"kind": "programmatic", "function": "x"}'])
     with pytest.raises(ConfigError, match=r"judge.annotator: must look like"):
         _config(annotator="not a spec")
     with pytest.raises(ConfigError, match=r"judge.model: .*vocab_size: taken from the run"):
@@ -144,6 +151,7 @@ def test_online_run_with_the_learned_judge(tmp_path):
         "sft.steps=20",
         "data.num_eval_prompts=16",
         "judge=" + json.dumps({**_config().model_dump(), "labels_per_iteration": 8, "steps": 30}),
+        'eval_judge={"kind": "programmatic", "function": "jaxselm.data.tasks:score"}',
     ]
     cfg = load_config(RunConfig, "configs/demo.yaml", overrides)
     assert run_online(cfg, log=lambda *a: None) == 0
@@ -155,6 +163,13 @@ def test_online_run_with_the_learned_judge(tmp_path):
     it = [r for r in recs if r.get("kind") == "iteration" and r.get("iteration") == 2][-1]
     assert it["samples/judge_gold_labels"] == 8
     assert it["samples/judge_rm_labels"] == len(l2) and "samples/judge_rm_fit_accuracy" in it
+    # the evaluation is the verifier's (eval_judge): accuracies are exact-answer rates, the
+    # reward its graded score in [0, 1] (the learned model's scores are unbounded)
+    ev = json.loads((run / "iter_02" / "eval.json").read_text())
+    prompts = json.loads((run / "iter_02" / "eval_prompts" / "part-00000.json").read_text())
+    assert 0.0 <= it["eval/reward"] <= 1.0
+    want = np.mean([tasks.score(p["prompt"], r) for p, r in zip(prompts, ev["responses"])])
+    np.testing.assert_allclose(it["eval/reward"], want, rtol=1e-9)
     before = (run / "metrics.jsonl").read_text()
     assert run_online(cfg, log=lambda *a: None) == 0  # finished: nothing is redone
     assert (run / "metrics.jsonl").read_text() == before
