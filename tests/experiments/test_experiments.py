@@ -103,3 +103,30 @@ def test_every_results_table_is_in_the_docs_verbatim():
     assert len(tables) >= 3
     for table in tables:
         assert table.read_text().strip() in docs, table.name
+
+
+@pytest.mark.slow
+def test_selm_explore_quick(tmp_path, capsys):
+    """The exploration study's pipeline: a SELM run and an entropy-bonus run with the learned
+    judge, each iteration's policy measured by the verifier, tables and plot from the JSON."""
+    mod = _load("selm_explore")
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert mod.main(["--quick", "--out", str(out), "--work-dir", str(work)]) == 0
+    results = json.loads((out / "selm_explore.json").read_text())
+    names = [r["setting"] for r in results["runs"]]
+    assert names == ["SELM a=1 y_ref=greedy", "DPO+entropy eta=0.1"]
+    for r in results["runs"]:
+        assert [it["iteration"] for it in r["iterations"]] == [0, 1]
+        first, last = r["iterations"]
+        assert first["kl0"] == pytest.approx(0.0, abs=1e-4)  # pi_0 against itself
+        for it in r["iterations"]:
+            assert 0 <= it["pass1"] <= it["passk"] <= 1 and 0 <= it["reward"] <= 1
+        assert 0 <= last["unexplored"] <= 1 and 0 <= last["judge_agreement"] <= 1
+        run = Path(r["run_dir"])
+        assert (run / "iter_01" / "rm_labels.json").is_file()  # the learned judge judged
+    assert r["overrides"]["train.entropy_bonus"] == 0.1
+    assert (out / "selm_explore.md").read_text() == mod.make_table(results)
+    assert (out / "selm_explore.png").stat().st_size > 0
+    capsys.readouterr()
+    assert mod.main(["--quick", "--out", str(out), "--work-dir", str(work)]) == 0
+    assert capsys.readouterr().out.count("[selm_explore] skip") == 2
