@@ -19,7 +19,7 @@ import numpy as np
 from jaxselm import metric_names as M
 from jaxselm.checkpoints import checkpoint_kind, checkpoint_tokenizer, load_checkpoint
 from jaxselm.data import rows
-from jaxselm.data.packing import PreferenceBatch, pack_sequences, sequence_length, take_rows
+from jaxselm.data.packing import pack_preferences, take_rows
 from jaxselm.data.tokenizer import load_tokenizer
 from jaxselm.errors import CheckpointError, ConfigError, DataError
 from jaxselm.files import check_writable_file, write_text
@@ -165,11 +165,7 @@ def train_rm_command(cfg: RunConfig, *, steps: int | None) -> int:
     prompts = [r["prompt_ids"] for r in rows]
     chosen = [ctx.prompts.encode_response(text_of(r["chosen"])) for r in rows]
     rejected = [ctx.prompts.encode_response(text_of(r["rejected"])) for r in rows]
-    length = sequence_length(prompts, chosen, rejected)
-    data = PreferenceBatch(
-        chosen=pack_sequences(prompts, chosen, ctx.pad_id, length=length),
-        rejected=pack_sequences(prompts, rejected, ctx.pad_id, length=length),
-    )
+    data = pack_preferences(prompts, chosen, rejected, pad_id=ctx.pad_id)
     bs = cfg.online.batch_size
     total = steps or math.ceil(len(rows) / bs) * cfg.online.epochs
     opt = cfg.train.optimizer.replace(learning_rate=cfg.online.learning_rate(1), total_steps=total)

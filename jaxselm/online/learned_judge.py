@@ -25,7 +25,7 @@ import jax
 import numpy as np
 import pydantic
 
-from jaxselm.data.packing import PreferenceBatch, pack_sequences, sequence_length, take_rows
+from jaxselm.data.packing import pack_preferences, take_rows
 from jaxselm.errors import ConfigError, JudgeError
 from jaxselm.feedback.base import Judge, Response
 from jaxselm.feedback.config import LearnedRewardModelJudgeConfig
@@ -131,12 +131,8 @@ class LearnedRewardJudge(Judge):
         prompts = [enc(r["prompt"]) for r in labels]
         chosen = [enc(r["chosen"]) for r in labels]
         rejected = [enc(r["rejected"]) for r in labels]
-        length = sequence_length(prompts, chosen, rejected)
         pad = self.tokenizer.pad_id
-        data = PreferenceBatch(
-            chosen=pack_sequences(prompts, chosen, pad, length=length),
-            rejected=pack_sequences(prompts, rejected, pad, length=length),
-        )
+        data = pack_preferences(prompts, chosen, rejected, pad_id=pad)
         opt = OptimizerConfig(
             learning_rate=cfg.learning_rate, total_steps=cfg.steps, schedule="constant",
             warmup_ratio=0.0,
