@@ -102,6 +102,13 @@ def _check_template(template: str, required: set[str], optional: set[str]) -> st
     return template
 
 
+def _callable_spec(v: str) -> str:
+    """A ``package.module:function`` name (the function judge's and the annotator's)."""
+    if not SPEC_RE.match(v):
+        raise ValueError("must look like 'package.module:function'")
+    return v
+
+
 class ProgrammaticJudgeConfig(FrozenConfig):
     """A Python function ``fn(prompt: str, response: str) -> float`` named ``module:function``."""
 
@@ -113,9 +120,7 @@ class ProgrammaticJudgeConfig(FrozenConfig):
     @field_validator("function")
     @classmethod
     def _spec(cls, v: str) -> str:
-        if not SPEC_RE.match(v):
-            raise ValueError("must look like 'package.module:function'")
-        return v
+        return _callable_spec(v)
 
 
 class RewardModelJudgeConfig(FrozenConfig):
@@ -165,9 +170,7 @@ class LearnedRewardModelJudgeConfig(FrozenConfig):
     @field_validator("annotator")
     @classmethod
     def _spec(cls, v: str) -> str:
-        if not SPEC_RE.match(v):
-            raise ValueError("must look like 'package.module:function'")
-        return v
+        return _callable_spec(v)
 
     @field_validator("model")
     @classmethod
