@@ -135,14 +135,16 @@ def _overrides(
     ]
 
 
-def _eval_accuracy(run_dir: Path) -> float:
+def _eval_metric(run_dir: Path, key: str = "eval/accuracy") -> float:
+    """A metric of the run's evaluation (iteration 0): exact accuracy, or ``eval/reward``, the
+    task's graded score (copy: the fraction of positions right; count, flipflop: exact)."""
     recs = [
         json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
     ]
     it0 = [r for r in recs if r.get("kind") == "iteration" and r.get("iteration") == 0]
     if not it0:
         raise RuntimeError(f"{run_dir}/metrics.jsonl has no iteration-0 record")
-    return float(it0[-1]["eval/accuracy"])
+    return float(it0[-1][key])
 
 
 def train_and_eval(
@@ -186,8 +188,8 @@ def train_and_eval(
             )
         )
     t2 = time.time()
-    id_acc = _eval_accuracy(id_dir)
-    ood_acc = {k: _eval_accuracy(d) for k, d in ood_dirs.items()}
+    id_acc = _eval_metric(id_dir)
+    ood_acc = {k: _eval_metric(d) for k, d in ood_dirs.items()}
     return {
         "task": task,
         "position": position,
@@ -200,6 +202,9 @@ def train_and_eval(
         "ood_accuracy": ood_acc,
         "id_error": 100.0 * (1.0 - id_acc),
         "ood_error": {k: 100.0 * (1.0 - a) for k, a in ood_acc.items()},
+        # the graded score: for copy, the share of answer positions right
+        "id_score": _eval_metric(id_dir, "eval/reward"),
+        "ood_score": {k: _eval_metric(d, "eval/reward") for k, d in ood_dirs.items()},
         "train_wall_s": round(t1 - t0, 1),
         "ood_eval_wall_s": round(t2 - t1, 1),
         "run_dir": str(id_dir),
@@ -221,8 +226,8 @@ def make_table(results: dict[str, Any]) -> str:
     runs = results["runs"]
     lines = [
         "| task | ID setting | position | seeds | steps | ID error % | OOD error % "
-        "| per-seed ID / OOD | paper (test error %) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| per-seed ID / OOD | positions right % ID / OOD | paper (test error %) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
     for task in tasks:
@@ -253,11 +258,17 @@ def make_table(results: dict[str, Any]) -> str:
                 f"{r['id_error']:.1f} / " + " / ".join(f"{r['ood_error'][k]:.1f}" for k in oods)
                 for r in rs
             )
+            scored = [r for r in rs if "id_score" in r]
+            score = "-"
+            if task == "copy" and scored:  # graded: only copy's answers have several positions
+                score = f"{_mean_std([100 * r['id_score'] for r in scored])} / " + " / ".join(
+                    _mean_std([100 * r["ood_score"][k] for r in scored]) for k in oods
+                )
             lines.append(
                 f"| {task} | {TASKS[task]['id_desc']} | {POS_NAMES[pos]} | "
                 f"{','.join(str(r['seed']) for r in rs)} | {steps} | "
                 f"{_mean_std([r['id_error'] for r in rs])} | {ood_cell} | "
-                f"{per_seed} | {PAPER_BY_POS.get((task, pos), '-')} |"
+                f"{per_seed} | {score} | {PAPER_BY_POS.get((task, pos), '-')} |"
             )
     lines.append("")
     lines.append(
