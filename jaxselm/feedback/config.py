@@ -153,6 +153,12 @@ class LearnedRewardModelJudgeConfig(FrozenConfig):
     judge is uncertain where labels are few, as a learned reward model is: what SELM's optimism is
     meant to act on. The labels are kept in each iteration's folder (``rm_labels.json``), so a
     resumed run retrains the same model without asking the annotator again.
+
+    ``init: policy`` starts the reward model from the run's warm-start policy (``policy/iter_00``:
+    its trunk, a fresh score head), as reward models are usually started from the SFT model
+    (InstructGPT): it then knows the task's inputs before the first label. The reward model is
+    then the policy's architecture, so ``model`` must be left out. ``init: random`` (the default)
+    starts from the ``model`` section's seeded random init.
     """
 
     _error_prefix: ClassVar[str] = "judge"
@@ -160,7 +166,8 @@ class LearnedRewardModelJudgeConfig(FrozenConfig):
     kind: Literal["learned_reward_model"] = "learned_reward_model"
     annotator: str  # e.g. "jaxselm.data.tasks:score"
     labels_per_iteration: PositiveInt = 64
-    model: dict[str, Any] = Field(default_factory=lambda: {"preset": "tiny"})
+    init: Literal["random", "policy"] = "random"
+    model: dict[str, Any] | None = None  # a ModelConfig without vocab_size; None: preset tiny
     steps: PositiveInt = 200
     batch_size: PositiveInt = 16
     learning_rate: PositiveFloat = 1e-3
@@ -174,10 +181,19 @@ class LearnedRewardModelJudgeConfig(FrozenConfig):
 
     @field_validator("model")
     @classmethod
-    def _model(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if "vocab_size" in v:
+    def _model(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and "vocab_size" in v:
             raise ValueError("vocab_size: taken from the run's tokenizer; leave it out")
         return v
+
+    @model_validator(mode="after")
+    def _init_policy(self) -> LearnedRewardModelJudgeConfig:
+        if self.init == "policy" and self.model is not None:
+            raise ValueError(
+                "model: with init: policy the reward model is the policy's architecture; "
+                "leave model out"
+            )
+        return self
 
 
 class LLMJudgeConfig(FrozenConfig):

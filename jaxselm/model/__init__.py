@@ -10,6 +10,7 @@ from jaxselm.model.api import (
     lm_head,
     param_logical_axes,
     reward_scores,
+    with_score_head,
 )
 from jaxselm.model.config import PRESETS, ModelConfig, RopeScaling, get_preset
 from jaxselm.model.transformer import KVCache, Transformer
@@ -30,4 +31,5 @@ __all__ = [
     "lm_head",
     "param_logical_axes",
     "reward_scores",
+    "with_score_head",
 ]

@@ -45,6 +45,15 @@ def init_params(config: ModelConfig, rng: jax.Array, *, head: str = "lm") -> Par
     return nn.unbox(_boxed_init(config, rng, head))
 
 
+def with_score_head(lm_params: Params, reward_params: Params) -> Params:
+    """A reward model started from a causal LM: the LM's trunk (its ``lm_head`` dropped) under
+    ``reward_params``' score head (e.g. a fresh ``init_params(..., head="reward")``)."""
+    return {
+        **{k: v for k, v in lm_params.items() if k != "lm_head"},
+        "score": reward_params["score"],
+    }
+
+
 def param_logical_axes(config: ModelConfig, *, head: str = "lm") -> Params:
     """Pytree (like the params) of PartitionSpecs of logical axis names."""
     boxed = jax.eval_shape(lambda: _boxed_init(config, jax.random.key(0), head))

@@ -24,7 +24,7 @@ from jaxselm.data.tokenizer import load_tokenizer
 from jaxselm.errors import CheckpointError, ConfigError, DataError
 from jaxselm.files import check_writable_file, write_text
 from jaxselm.hf import save_gguf_checkpoint, save_hf_checkpoint
-from jaxselm.model import ModelConfig, init_params
+from jaxselm.model import ModelConfig, init_params, with_score_head
 from jaxselm.online.config import RunConfig
 from jaxselm.online.context import RunContext
 from jaxselm.online.metrics import MetricsWriter
@@ -206,8 +206,7 @@ def _reward_model_start(ctx: RunContext) -> Any:
         ctx.cfg.init.checkpoint, head=None, model_config=model, mesh=ctx.mesh
     )
     if "score" not in params:  # a CausalLM: keep the trunk, add a fresh score head
-        params = {k: v for k, v in params.items() if k != "lm_head"}
-        params["score"] = fresh(jax.random.fold_in(ctx.key, 7))["score"]
+        params = with_score_head(params, fresh(jax.random.fold_in(ctx.key, 7)))
     return params
 
 

@@ -269,7 +269,7 @@ def build_judge(
         from jaxselm.online.learned_judge import LearnedRewardJudge
 
         return LearnedRewardJudge.from_config(
-            jc, tokenizer, search_dirs=[config_dir] if config_dir else []
+            jc, tokenizer, search_dirs=[config_dir] if config_dir else [], policy_model=cfg.model
         )
     if not isinstance(jc, RewardModelJudgeConfig):
         return make_judge(jc)

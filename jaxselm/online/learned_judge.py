@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import pydantic
 
+from jaxselm.checkpoints import load_checkpoint
 from jaxselm.data.packing import pack_preferences, take_rows
 from jaxselm.errors import ConfigError, JudgeError
 from jaxselm.feedback.base import Judge, Response
@@ -32,7 +33,7 @@ from jaxselm.feedback.config import LearnedRewardModelJudgeConfig
 from jaxselm.feedback.programmatic import resolve_callable
 from jaxselm.feedback.reward_model import RewardModelJudge
 from jaxselm.files import read_json, write_json
-from jaxselm.model import ModelConfig, init_params
+from jaxselm.model import ModelConfig, init_params, with_score_head
 from jaxselm.parallel import single_device_mesh
 from jaxselm.train import (
     OptimizerConfig,
@@ -49,13 +50,27 @@ class LearnedRewardJudge(Judge):
     """Scores with a reward model refitted at :meth:`begin_iteration` on the labels so far."""
 
     def __init__(
-        self, config: LearnedRewardModelJudgeConfig, tokenizer: Any, annotator: Any
+        self,
+        config: LearnedRewardModelJudgeConfig,
+        tokenizer: Any,
+        annotator: Any,
+        *,
+        policy_model: ModelConfig | None = None,
     ) -> None:
+        """``policy_model``: the run's model, the reward model's architecture with
+        ``init: policy``."""
         super().__init__(extra_counters=("gold_labels", "gold_ties", "rm_labels"))
-        try:
-            self.model_config = ModelConfig(**{**config.model, "vocab_size": tokenizer.vocab_size})
-        except (ConfigError, pydantic.ValidationError, TypeError) as err:
-            raise ConfigError(f"judge.model: {err}") from None
+        if config.init == "policy":
+            if policy_model is None:
+                raise ConfigError("judge.init: policy needs the run's model (policy_model)")
+            self.model_config = policy_model
+        else:
+            try:
+                self.model_config = ModelConfig(
+                    **{**(config.model or {"preset": "tiny"}), "vocab_size": tokenizer.vocab_size}
+                )
+            except (ConfigError, pydantic.ValidationError, TypeError) as err:
+                raise ConfigError(f"judge.model: {err}") from None
         self.config = config
         self.tokenizer = tokenizer
         self.annotator = annotator
@@ -63,6 +78,7 @@ class LearnedRewardJudge(Judge):
         self.fit_metrics: dict[str, float] = {}
         self._step: Any = None
         self._tx: Any = None
+        self._start: Any = None  # the reward model's initial params (the same every iteration)
 
     @classmethod
     def from_config(
@@ -71,11 +87,12 @@ class LearnedRewardJudge(Judge):
         tokenizer: Any,
         *,
         search_dirs: Sequence[str] = (),
+        policy_model: ModelConfig | None = None,
     ) -> LearnedRewardJudge:
         fn = resolve_callable(config.annotator, field="judge.annotator", search_dirs=search_dirs)
         if not callable(fn):
             raise JudgeError(f"judge.annotator: {config.annotator!r} is not callable")
-        return cls(config, tokenizer, fn)
+        return cls(config, tokenizer, fn, policy_model=policy_model)
 
     # -- per iteration ---------------------------------------------------------------------
     def begin_iteration(
@@ -85,8 +102,12 @@ class LearnedRewardJudge(Judge):
         responses: Sequence[Sequence[str]],
         state_dir: Path,
         prev_dir: Path | None,
+        policy_dir: Path | None = None,
     ) -> None:
-        """Label this iteration's pairs (or read them back on resume), then refit the model."""
+        """Label this iteration's pairs (or read them back on resume), then refit the model.
+        ``policy_dir``: the warm-start policy, the reward model's start with ``init: policy``."""
+        if self._start is None:  # kept on the host: each fit's step donates its state
+            self._start = jax.device_get(self._initial_params(policy_dir))
         path = Path(state_dir) / LABELS
         if path.is_file():
             labels = read_json(path)["labels"]
@@ -151,8 +172,7 @@ class LearnedRewardJudge(Judge):
         )
         # A plain loop, not TrainLoop: only process 0 judges, and TrainLoop's stop check is a
         # collective over every process.
-        init = init_params(self.model_config, jax.random.key(cfg.seed), head="reward")
-        state = jax.device_put(create_train_state(init, tx), self._step.state_shardings)
+        state = jax.device_put(create_train_state(self._start, tx), self._step.state_shardings)
         metrics: Any = {}
         for s in range(cfg.steps):
             state, metrics = self._step(state, take_rows(data, order[s * bs : (s + 1) * bs]))
@@ -164,6 +184,19 @@ class LearnedRewardJudge(Judge):
             batch_size=cfg.score_batch_size,
             pad_id=pad,
         )
+
+    def _initial_params(self, policy_dir: Path | None) -> Any:
+        """The seeded random init, or with ``init: policy`` the policy's trunk (its LM head
+        dropped) under the seeded init's score head."""
+        fresh = init_params(self.model_config, jax.random.key(self.config.seed), head="reward")
+        if self.config.init != "policy":
+            return fresh
+        if policy_dir is None:
+            raise ValueError("judge.init: policy: begin_iteration needs policy_dir")
+        # one device: only process 0 judges
+        mesh = single_device_mesh(jax.local_devices()[0])
+        _, params = load_checkpoint(policy_dir, model_config=self.model_config, mesh=mesh)
+        return with_score_head(params, fresh)
 
     # -- scoring ---------------------------------------------------------------------------
     def _score(self, prompts: list[str], responses: list[Response]) -> np.ndarray:

@@ -207,6 +207,7 @@ def _judge_records(ctx: RunContext, t: int, gen: Generation, recs: list[dict]) -
             [texts[i * n : (i + 1) * n] for i in judged],
             ctx.iter_dir(t),
             ctx.iter_dir(t - 1) if t > 1 else None,
+            ctx.policy_dir(0),
         )
     for s in progress(
         range(0, len(judged), per_call),

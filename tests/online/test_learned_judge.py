@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import chex
+import jax
 import numpy as np
 import pytest
 
@@ -131,6 +133,36 @@ def test_config_errors_are_one_line_and_name_the_field():
         LearnedRewardJudge.from_config(_config(annotator="jaxselm.data.tasks:no_such"), TOK)
     with pytest.raises(JudgeError, match="online loop builds it"):
         make_judge(_config())
+    with pytest.raises(ConfigError, match=r"judge.model: with init: policy .*leave model out"):
+        _config(init="policy")
+    with pytest.raises(ConfigError, match=r"judge.init: policy needs the run's model"):
+        LearnedRewardJudge(_config(init="policy", model=None), TOK, lambda p, r: 0)
+    # a dumped run config (what run.json / config.json hold) loads back
+    again = parse_judge_config(_config(init="policy", model=None).model_dump())
+    assert again.init == "policy" and again.model is None
+
+
+def test_init_policy_starts_from_the_policy_trunk(tmp_path):
+    """``init: policy``: the reward model is the policy's architecture, starts from its trunk
+    (LM head dropped) under the seeded score head, and the same start every iteration."""
+    from jaxselm.model import ModelConfig, init_params
+    from jaxselm.train.checkpoint import save_params
+
+    policy_model = ModelConfig(**{**RM, "vocab_size": TOK.vocab_size})
+    policy = init_params(policy_model, jax.random.key(3))
+    save_params(tmp_path / "policy", policy, model_config=policy_model)
+    cfg = _config(init="policy", model=None)
+    judge = LearnedRewardJudge(cfg, TOK, CountingAnnotator(), policy_model=policy_model)
+    prompts, responses = _samples(5)
+    judge.begin_iteration(1, prompts, responses, tmp_path / "i1", None, tmp_path / "policy")
+    start = judge._start
+    trunk = {k: v for k, v in policy.items() if k != "lm_head"}
+    chex.assert_trees_all_equal({k: v for k, v in start.items() if k != "score"}, trunk)
+    fresh = init_params(policy_model, jax.random.key(cfg.seed), head="reward")
+    chex.assert_trees_all_equal(start["score"], fresh["score"])
+    assert judge.fit_metrics["rm/accuracy"] >= 0.8  # it fits its labels
+    judge.begin_iteration(2, *_samples(6), tmp_path / "i2", tmp_path / "i1", tmp_path / "policy")
+    assert judge._start is start  # loaded once: every refit starts from the same params
 
 
 @pytest.mark.slow
@@ -150,7 +182,15 @@ def test_online_run_with_the_learned_judge(tmp_path):
         "online.prompts_per_iteration=16",
         "sft.steps=20",
         "data.num_eval_prompts=16",
-        "judge=" + json.dumps({**_config().model_dump(), "labels_per_iteration": 8, "steps": 30}),
+        # init: policy, the study's choice (and the path through the loop's policy_dir)
+        "judge="
+        + json.dumps(
+            {
+                **_config(init="policy", model=None).model_dump(),
+                "labels_per_iteration": 8,
+                "steps": 30,
+            }
+        ),
         'eval_judge={"kind": "programmatic", "function": "jaxselm.data.tasks:score"}',
     ]
     cfg = load_config(RunConfig, "configs/demo.yaml", overrides)
