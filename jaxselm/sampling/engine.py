@@ -68,6 +68,7 @@ from jaxselm.parallel.rules import LOGICAL_AXIS_RULES, param_shardings
 from jaxselm.sampling.prompts import prompt_arrays
 from jaxselm.sampling.strategies import (
     apply_temperature,
+    categorical,
     check_sampling_params,
     min_p_filter,
     token_logprobs,
@@ -181,7 +182,7 @@ def _sampler(s: _Static, temperature, top_p, min_p):
         if s.use_min_p:
             x = min_p_filter(x, min_p)
         step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-        tok = jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+        tok = jax.vmap(categorical)(step_keys, x)
         return tok, token_logprobs(logits, tok), token_logprobs(x, tok)
 
     return sample

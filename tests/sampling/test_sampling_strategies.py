@@ -23,6 +23,7 @@ from jaxselm.sampling import (
     top_k_filter,
     top_p_filter,
 )
+from jaxselm.sampling.strategies import TWO_STAGE_BLOCK, TWO_STAGE_MIN_VOCAB, categorical
 
 # Distinct logits in shuffled order (so a filter that forgets to sort, or un-sort, is caught).
 LOGITS = np.array([0.3, 2.0, -1.2, 1.0, 0.0, 1.5, -0.5, 0.6], np.float32)
@@ -84,6 +85,35 @@ def test_sample_frequencies_match_filtered_softmax(kw):
     if kw != dict(temperature=1.0):
         wrong = reference_probs(LOGITS)
         assert stats.chisquare(counts, DRAWS * wrong).pvalue < P_MIN
+
+
+def test_two_stage_categorical_is_the_softmax_distribution():
+    """Above TWO_STAGE_MIN_VOCAB ids are drawn block first, then within the block: the
+    frequencies must still be softmax(logits), with -inf ids (here two whole blocks and the
+    padding of the last, V = 3000 is not a multiple of the block) never drawn."""
+    v, n = 3000, 40_000
+    assert v > TWO_STAGE_MIN_VOCAB and v % TWO_STAGE_BLOCK
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 1.0, v)
+    logits[rng.choice(v, 40, replace=False)] += 5.0  # mass spread over a few ids in many blocks
+    logits[1024:1536] = -np.inf
+    keys = jax.random.split(jax.random.key(7), n)
+    tok = jax.jit(jax.vmap(lambda k: categorical(k, jnp.asarray(logits, jnp.float32))))(keys)
+    counts = np.bincount(np.asarray(tok), minlength=v)
+    assert counts.size == v and counts[1024:1536].sum() == 0
+    probs = _softmax(logits)
+    big = probs * n >= 5  # chi-square bins: every id expected 5+ times, the rest lumped
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(probs[big], probs[~big].sum()) * n
+    assert stats.chisquare(obs, exp).pvalue > P_MIN
+    # power: the same counts reject the sampler with the block masses left out (a uniform
+    # block, then softmax within it)
+    blk = TWO_STAGE_BLOCK
+    wrong = np.zeros(v)
+    live = [b for b in range(0, v, blk) if np.isfinite(logits[b : b + blk]).any()]
+    for b in live:
+        wrong[b : b + blk] = _softmax(logits[b : b + blk]) / len(live)
+    assert stats.chisquare(obs, np.append(wrong[big], wrong[~big].sum()) * n).pvalue < P_MIN
 
 
 def test_filters_keep_expected_sets():
