@@ -1,11 +1,24 @@
 """Test setup: 8 host CPU devices (so sharding is tested), CPU only, before jax is imported."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the session, shared by the worker processes tests start (they
+# inherit the environment): many tests compile the same tiny-model programs again (each resumed
+# run of the resume tests, each run of the demo config), and a hit reads the executable back
+# instead of compiling it (the every-phase resume test: 406 -> 239 s on the 2-core box). Fresh per
+# session, so nothing carries over between runs; a JAX_COMPILATION_CACHE_DIR already set wins.
+_XLA_CACHE = tempfile.mkdtemp(prefix="jaxselm-tests-xla-cache-")
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _XLA_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
