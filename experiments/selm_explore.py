@@ -283,6 +283,10 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
     make_plot(results, out / "selm_explore.png")
 
 
+def _floats(csv: str) -> list[float]:
+    return [float(x) for x in csv.split(",") if x]
+
+
 def _compilation_cache(path: Path) -> None:
     """Every run of the study compiles the same steps anew (each run builds its own jitted
     functions); XLA's persistent cache makes that a file read after the first run (on this CPU
@@ -335,9 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             "judge.labels_per_iteration=8",
             "judge.steps=20",
         ]
-    floats = lambda v: [float(x) for x in v.split(",") if x]  # noqa: E731
     grid = settings(
-        floats(args.alphas), floats(args.sampled_alphas), floats(args.etas), not args.no_exact
+        _floats(args.alphas), _floats(args.sampled_alphas), _floats(args.etas), not args.no_exact
     )
     if args.quick:  # the optimism and the entropy control; DPO is the same code path
         grid.pop("DPO")
