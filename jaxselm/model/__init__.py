@@ -13,7 +13,7 @@ from jaxselm.model.api import (
     with_score_head,
 )
 from jaxselm.model.config import PRESETS, ModelConfig, RopeScaling, get_preset
-from jaxselm.model.transformer import KVCache, Transformer
+from jaxselm.model.transformer import KVCache, Transformer, unstack_cache, unstack_layers
 
 __all__ = [
     "abstract_params",
@@ -31,5 +31,7 @@ __all__ = [
     "lm_head",
     "param_logical_axes",
     "reward_scores",
+    "unstack_cache",
+    "unstack_layers",
     "with_score_head",
 ]

@@ -119,10 +119,11 @@ def reward_scores(
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty KV cache of ``max_len`` slots (keys/values in ``dtype``, default config.dtype)."""
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+    lbk = (config.num_layers, batch, config.num_kv_heads)
+    d = config.resolved_head_dim
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=jnp.zeros((*lbk, d, max_len), dtype),
+        v=jnp.zeros((*lbk, max_len, d), dtype),
         mask=jnp.zeros((batch, max_len), bool),
         index=jnp.zeros((), jnp.int32),
         next_pos=jnp.zeros((batch,), jnp.int32),
@@ -131,10 +132,9 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVC
 
 def cache_logical_axes() -> KVCache:
     """Logical axis names of each cache field (batch over data, kv heads over tensor)."""
-    kv = PartitionSpec("layers", "batch", "length", "kv_heads", "head_dim")
     return KVCache(
-        k=kv,
-        v=kv,
+        k=PartitionSpec("layers", "batch", "kv_heads", "head_dim", "length"),
+        v=PartitionSpec("layers", "batch", "kv_heads", "length", "head_dim"),
         mask=PartitionSpec("batch", "length"),
         index=PartitionSpec(),
         next_pos=PartitionSpec("batch"),

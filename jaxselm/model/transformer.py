@@ -59,7 +59,9 @@ def _init(axes: tuple[str | None, ...], init=None):
 class KVCache:
     """Per-layer keys and values in a fixed-size buffer, shared write index for the batch.
 
-    k, v:     [L, B, S, K, D]  ("layers", "batch", "length", "kv_heads", "head_dim")
+    k:        [L, B, K, D, S]  ("layers", "batch", "kv_heads", "head_dim", "length")
+    v:        [L, B, K, S, D]  ("layers", "batch", "kv_heads", "length", "head_dim")
+              (keys with the slot axis last so decoding's q.k products are plain matmuls)
     mask:     [B, S] bool      slots written with a real (non-padding) token
     index:    [] int32         next slot to write (the same for every row: prompts are left-padded)
     next_pos: [B] int32        RoPE position of the next real token of each row
@@ -73,7 +75,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.v.shape[3]
 
 
 class Linear(nn.Module):
@@ -146,18 +148,25 @@ class Attention(nn.Module):
         new_cache = None
         q_offset = None
         if layer_cache is not None:
-            # The whole [L, B, S, K, D] cache travels in the scan carry and this layer writes its
+            # The whole [L, B, ...] cache travels in the scan carry and this layer writes its
             # slice in place (a per-layer scan input/output would copy the cache every step).
             ck, cv, li = layer_cache
-            ck = jax.lax.dynamic_update_slice(
-                ck, key.astype(ck.dtype)[None], (li, 0, cache_index, 0, 0)
-            )
-            cv = jax.lax.dynamic_update_slice(
-                cv, val.astype(cv.dtype)[None], (li, 0, cache_index, 0, 0)
-            )
+
+            # Keys are kept [L, B, K, D, S], values [L, B, K, S, D]: attention gets this layer's
+            # [B, S, K, D] views and, decoding, transposes them back, so XLA folds the pair and
+            # its matmuls read the cache in place (see masked_attention_decode).
+            def write(c, x, perm, at):  # x [B, T, K, D] into this layer's slots of c
+                x = jnp.transpose(x.astype(c.dtype), perm)[None]
+                return jax.lax.dynamic_update_slice(c, x, (li, 0, 0, *at))
+
+            def read(c, perm):  # this layer's [B, S, K, D] view
+                layer = jax.lax.dynamic_index_in_dim(c, li, axis=0, keepdims=False)
+                return jnp.transpose(layer, perm).astype(dt)
+
+            ck = write(ck, key, (0, 2, 3, 1), (0, cache_index))
+            cv = write(cv, val, (0, 2, 1, 3), (cache_index, 0))
             new_cache = (ck, cv, li + 1)
-            key = jax.lax.dynamic_index_in_dim(ck, li, axis=0, keepdims=False).astype(dt)
-            val = jax.lax.dynamic_index_in_dim(cv, li, axis=0, keepdims=False).astype(dt)
+            key, val = read(ck, (0, 3, 1, 2)), read(cv, (0, 2, 1, 3))
             q_offset = cache_index
 
         if cfg.uses_cope:
@@ -241,6 +250,57 @@ class Block(nn.Module):
         return (x, new_cache), None
 
 
+def unstack_layers(params: Any, num_layers: int) -> Any:
+    """``params`` with the stacked ``layers`` subtree (leading axis L) split into a tuple of L
+    per-layer trees; the model then runs its layers as an unrolled loop over them.
+
+    Why: inside ``nn.scan``, XLA:CPU copies each layer's weights out of the stacked arrays
+    (a dynamic slice) before every matmul, so a decode step moves every weight twice; with one
+    buffer per layer the matmuls read them in place. The split itself is one copy of the layer
+    weights (do it once, outside the decoding loop). Only for applying, never for training.
+    """
+    layers = params["layers"]
+    split = tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers))
+    return {**params, "layers": split}
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """The cache with k / v split into tuples of per-layer buffers (the unrolled layers write
+    them in place); :meth:`KVCache` otherwise unchanged."""
+    num_layers = cache.k.shape[0]
+    return cache.replace(
+        k=tuple(cache.k[i] for i in range(num_layers)),
+        v=tuple(cache.v[i] for i in range(num_layers)),
+    )
+
+
+def _unrolled_layers(cfg, layer_params, x, cache, positions, kv_mask, cache_index, shared):
+    """The decoder layers as a Python loop over per-layer parameter trees (``unstack_layers``);
+    returns the hidden states and the new (k, v) per-layer tuples, or None without a cache."""
+    block = Block(cfg, parent=None)
+    stacked = cache is not None and not isinstance(cache.k, (tuple, list))
+    ks, vs = [], []
+    for i, p in enumerate(layer_params):
+        lc = None
+        if cache is not None:
+            if stacked:
+                lc = (cache.k, cache.v, jnp.asarray(i, jnp.int32))
+            else:  # this layer's own buffers, as a stack of one (index 0: no copy)
+                lc = (cache.k[i][None], cache.v[i][None], jnp.zeros((), jnp.int32))
+        (x, new), _ = block.apply({"params": p}, (x, lc), positions, kv_mask, cache_index, shared)
+        if cache is not None:
+            if stacked:
+                cache = cache.replace(k=new[0], v=new[1])
+            else:
+                ks.append(new[0][0])
+                vs.append(new[1][0])
+    if cache is None:
+        return x, None
+    if stacked:
+        return x, (cache.k, cache.v)
+    return x, (tuple(ks), tuple(vs))
+
+
 class Transformer(nn.Module):
     """Decoder with an LM head (``head="lm"``) or a scalar reward head (``head="reward"``)."""
 
@@ -270,7 +330,9 @@ class Transformer(nn.Module):
         else:
             cache_index = cache.index
             kv_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache_index))
-            layer_caches = (cache.k, cache.v, jnp.zeros((), jnp.int32))
+            layer_caches = None
+            if not isinstance(cache.k, (tuple, list)):
+                layer_caches = (cache.k, cache.v, jnp.zeros((), jnp.int32))
             base_pos = cache.next_pos[:, None]
         if positions is None:
             positions = base_pos + jnp.maximum(counts, 0)
@@ -313,20 +375,30 @@ class Transformer(nn.Module):
                 pdt,
             )
 
-        block = Block
-        if cfg.remat:
-            block = nn.remat(Block, prevent_cse=False)
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
-        (x, new_layer_caches), _ = layers(
-            (x, layer_caches), positions, kv_mask, cache_index, (shared_pos_emb, rel_emb)
-        )
+        shared = (shared_pos_emb, rel_emb)
+        unstacked = None if self.is_initializing() else self.variables["params"].get("layers")
+        if isinstance(unstacked, (tuple, list)):
+            # Parameters given one tree per layer (see unstack_layers): the layers run as an
+            # unrolled Python loop over them, each with its own cache buffers when the cache is
+            # unstacked too.
+            x, new_layer_caches = _unrolled_layers(
+                cfg, unstacked, x, cache, positions, kv_mask, cache_index, shared
+            )
+        else:
+            block = Block
+            if cfg.remat:
+                block = nn.remat(Block, prevent_cse=False)
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+            (x, new_layer_caches), _ = layers(
+                (x, layer_caches), positions, kv_mask, cache_index, shared
+            )
         x = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="final_norm")(x)
         if last_only and self.head == "lm":
             # Only the last position (every row's last real token with left padding): what

@@ -63,7 +63,9 @@ from jaxselm.model import (
     cache_logical_axes,
     init_cache,
     param_logical_axes,
+    unstack_cache,
 )
+from jaxselm.model import unstack_layers as unstack_layer_params
 from jaxselm.parallel.rules import LOGICAL_AXIS_RULES, param_shardings
 from jaxselm.sampling.prompts import prompt_arrays
 from jaxselm.sampling.strategies import (
@@ -165,6 +167,7 @@ class _Static(NamedTuple):
     cache_dtype: str | None
     mesh: jax.sharding.Mesh | None
     rules: Rules
+    unstack: bool
 
 
 def _sampler(s: _Static, temperature, top_p, min_p):
@@ -204,6 +207,9 @@ def _generate_core(params, tokens, mask, rng, temperature, top_p, min_p, *, s: _
     logits, cache = apply_with_cache(params, cfg, tokens, mask, cache, last_only=True)
     cache = lay.cache(_repeat_rows(cache, n))
     logits = lay.batch(jnp.repeat(logits[:, 0], n, axis=0))
+    dec_params = params
+    if s.unstack:  # one buffer per layer for the decoding loop (see unstack_layers)
+        dec_params, cache = unstack_layer_params(params, cfg.num_layers), unstack_cache(cache)
 
     prompt_ids = jnp.repeat(jnp.arange(b, dtype=jnp.int32), n)
     sample_ids = jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
@@ -234,7 +240,7 @@ def _generate_core(params, tokens, mask, rng, temperature, top_p, min_p, *, s: _
         i, cache, prev, out_tok, out_lp, out_slp, lengths, stopped = st
         # Finished rows keep running on a valid id (pad_id may lie outside the vocabulary).
         feed = jnp.clip(prev, 0, cfg.vocab_size - 1)
-        logits, cache = apply_with_cache(params, cfg, feed[:, None], None, cache)
+        logits, cache = apply_with_cache(dec_params, cfg, feed[:, None], None, cache)
         cache = lay.cache(cache)
         tok, lp, slp = sample(keys, lay.batch(logits[:, 0]), i)
         active = ~stopped
@@ -265,6 +271,17 @@ def _generate_core(params, tokens, mask, rng, temperature, top_p, min_p, *, s: _
 # -- public entry point --------------------------------------------------------------------------
 
 
+def _unstack(requested: bool | None, mesh: jax.sharding.Mesh | None) -> bool:
+    """Whether the decoding loop runs on per-layer weight and cache buffers: by default on the
+    CPU backend without a mesh (where XLA copies each scanned layer's weights out of the stacked
+    arrays every step); never under a mesh (the stacked layout carries the shardings)."""
+    if mesh is not None:
+        return False
+    if requested is None:
+        return jax.default_backend() == "cpu"
+    return bool(requested)
+
+
 def _prepare(
     params: Any,
     config: ModelConfig,
@@ -284,6 +301,7 @@ def _prepare(
     cache_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     logical_rules: Sequence[tuple[str, Any]] | None = None,
+    unstack_layers: bool | None = None,
 ) -> tuple[tuple, _Static]:
     """Validate the inputs; the arguments and static settings of the jitted core."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
@@ -325,6 +343,7 @@ def _prepare(
         cache_dtype=cache_dtype,
         mesh=mesh,
         rules=rules if mesh is not None else (),
+        unstack=_unstack(unstack_layers, mesh),
     )
     scalars = [jnp.asarray(v, jnp.float32) for v in (temperature, top_p, min_p)]
     if mesh is not None:
@@ -358,6 +377,7 @@ def generate(
     cache_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     logical_rules: Sequence[tuple[str, Any]] | None = None,
+    unstack_layers: bool | None = None,
 ) -> GenerationResult:
     """Sample ``n`` continuations of ``max_new_tokens`` tokens for every prompt.
 
@@ -372,8 +392,11 @@ def generate(
 
     Changing temperature/top_p/min_p values reuses the compilation; changing whether top_p/min_p
     are on, top_k, greedy, n, max_new_tokens, the stop ids, the batch size or the prompt bucket
-    compiles anew. Raises ConfigError for bad settings and DataError for bad prompts (one line,
-    naming the culprit).
+    compiles anew. ``unstack_layers``: decode on one weight / cache buffer per layer (an
+    unrolled layer loop; one extra copy of the layer weights for the call); default: on the CPU
+    backend without a mesh, where it saves XLA:CPU copying every layer's weights out of the
+    stacked arrays at every step. Raises ConfigError for bad settings and DataError for bad
+    prompts (one line, naming the culprit).
     """
     args, s = _prepare(
         params,
@@ -393,6 +416,7 @@ def generate(
         cache_dtype=cache_dtype,
         mesh=mesh,
         logical_rules=logical_rules,
+        unstack_layers=unstack_layers,
     )
     res = _generate_core(*args, s=s)
     b = args[1].shape[0]

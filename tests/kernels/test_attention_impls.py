@@ -32,6 +32,8 @@ from jaxselm.kernels.attention import (
     masked_attention,
     masked_attention_blockwise,
     masked_attention_cudnn,
+    masked_attention_decode,
+    masked_attention_xla,
     prefix_lengths,
     resolve_impl,
 )
@@ -77,7 +79,9 @@ def impl(name):
 
 
 def xla(q, k, v, **kw):
-    return masked_attention(q, k, v, impl="xla", **kw)
+    """The reference: the jnp scores for any T (impl="xla" itself routes T = 1 to the decode
+    formulation, checked against this below)."""
+    return masked_attention_xla(q, k, v, **kw)
 
 
 def assert_close(got, want, tol, names=("out", "dq", "dk", "dv")):
@@ -128,6 +132,49 @@ def test_blockwise_matches_xla(case, dtype):
     assert_close(got, run(xla, *args, **kw), TOL[dtype])
     if case[7] == "left":  # row 0 has no valid key: zeros out, zero gradient, never NaN
         assert np.all(np.asarray(got[0][0]) == 0) and np.all(np.asarray(got[1][0]) == 0)
+
+
+# --------------------------------------------------------------------------------------------
+# decode: one query per row, k / v as the transposed views of the model's KV cache
+
+# b, s, h, kv, d, mask, q_offset, window
+DECODE_CASES = [
+    (3, 40, 4, 2, 16, "left", 25, None),  # GQA, row 0 without any valid key
+    (2, 40, 4, 4, 16, "holes", 39, 9),  # MHA, holes, a sliding window
+    (2, 33, 6, 1, 8, "right", 17, None),  # MQA, odd lengths
+]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_matches_xla(case, dtype):
+    """``impl="xla"`` at T = 1 (masked_attention_decode) against the jnp scores, outputs and
+    gradients, with k / v given as the model hands them over: transposed views of the cache's
+    [B, K, D, S] keys and [B, K, S, D] values."""
+    b, s, h, kv, d, mask, q_offset, window = case
+    with jax.enable_x64(dtype == "float64"):
+        q, k, v, kv_mask = make_inputs(b, 1, s, h, kv, d, jnp.dtype(dtype), mask=mask)
+        kw = dict(kv_mask=kv_mask, causal=True, q_offset=q_offset, sliding_window=window)
+        k_cache, v_cache = jnp.transpose(k, (0, 2, 3, 1)), jnp.transpose(v, (0, 2, 1, 3))
+
+        def decode(q, k_cache, v_cache, **kw):  # the views, inside the traced function
+            k = jnp.transpose(k_cache, (0, 3, 1, 2))
+            v = jnp.transpose(v_cache, (0, 2, 1, 3))
+            return impl("xla")(q, k, v, **kw)
+
+        got = run(decode, q, k_cache, v_cache, **kw)
+        got = (got[0], got[1], jnp.transpose(got[2], (0, 3, 1, 2)), jnp.swapaxes(got[3], 1, 2))
+        assert_close(got, run(xla, q, k, v, **kw), TOL[dtype])
+        direct = run(masked_attention_decode, q, k, v, **kw)
+        assert_close(direct, got, TOL[dtype])
+        if mask == "left":  # no valid key: zeros, never NaN
+            assert np.all(np.asarray(got[0][0]) == 0)
+
+
+def test_decode_refuses_several_queries():
+    q, k, v, _ = make_inputs(1, 2, 8, 2, 2, 8, jnp.float32)
+    with pytest.raises(ValueError, match="one query per row"):
+        masked_attention_decode(q, k, v)
 
 
 # --------------------------------------------------------------------------------------------

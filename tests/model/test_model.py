@@ -17,6 +17,8 @@ from jaxselm.model import (
     init_cache,
     init_params,
     reward_scores,
+    unstack_cache,
+    unstack_layers,
 )
 
 MODES = ["rope", "cope", "cope+rel", "cope+rope", "none", "absolute"]
@@ -114,6 +116,36 @@ class IncrementalDecodingTest(chex.TestCase):
             )
             assert int(cache.index) == 12
             np.testing.assert_array_equal(np.asarray(cache.next_pos), 12 - np.array([0, 3, 7]))
+
+
+@pytest.mark.parametrize("position", ["rope", "cope+rel", "absolute"])
+def test_unstacked_layers_equal_the_scan(position):
+    """Parameters split per layer (the unrolled loop generation uses on CPU) give the scan's
+    logits, without a cache, with the stacked cache and with per-layer cache buffers; the cache
+    written per layer equals the stacked one."""
+    cfg = _config(position, num_layers=3)
+    params = _params(cfg)
+    flat = unstack_layers(params, cfg.num_layers)
+    assert isinstance(flat["layers"], tuple) and len(flat["layers"]) == 3
+    tokens, mask = _batch(t=10)
+    np.testing.assert_allclose(
+        forward(flat, cfg, tokens, mask), forward(params, cfg, tokens, mask), **TOL
+    )
+    step = jax.jit(lambda p, t, m, c: apply_with_cache(p, cfg, t, m, c))
+    cache = init_cache(cfg, batch=3, max_len=12)
+    _, cache = step(params, tokens[:, :8], mask[:, :8], cache)  # prefill on the scan
+    want, want_cache = step(params, tokens[:, 8:9], None, cache)
+    for got, got_cache in (
+        step(flat, tokens[:, 8:9], None, cache),
+        step(flat, tokens[:, 8:9], None, unstack_cache(cache)),
+    ):
+        np.testing.assert_allclose(got, want, **TOL)
+        for name in ("k", "v"):
+            g = getattr(got_cache, name)
+            g = jnp.stack(g) if isinstance(g, tuple) else g
+            np.testing.assert_allclose(g, getattr(want_cache, name), **TOL)
+        np.testing.assert_array_equal(got_cache.mask, want_cache.mask)
+        assert int(got_cache.index) == int(want_cache.index) == 9
 
 
 def test_chunked_prefill_equals_full_forward():
