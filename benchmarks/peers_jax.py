@@ -182,7 +182,8 @@ def online(spec: dict[str, Any]) -> dict[str, Any]:
             "progress": False,
         },
         "init": {"checkpoint": spec["model_dir"]},
-        "model": {"dtype": "float32"},
+        # TRL's OnlineDPOConfig checkpoints gradients by default; model.remat is the same trade.
+        "model": {"dtype": "float32", "remat": True},
         "data": {
             "source": "prompts",
             "prompts_path": str(train_file),

@@ -146,7 +146,10 @@ class Run:
                 with self._timed(t, "reference"):
                     ref = phases.reference(ctx, t, pairs, ref_params)
             with self._timed(t, "train"):
+                # pi_ref's buffers become the train state's (donated), so training does not
+                # hold a second copy of the weights; evaluation loads pi_ref again.
                 params = phases.train(ctx, t, pairs, ref, ref_params)
+                ref_params = None
             with self._timed(t, "save"):
                 ctx.save_policy(t, params)
             fault_point(f"iter{t}/saved")
@@ -160,6 +163,8 @@ class Run:
             ctx.metrics.write("iteration", t, evaluation_record(ctx, t), iteration=t)
         else:
             with self._timed(t, "eval"):
+                if ref_params is None and t > 0:  # handed to training (see _iteration)
+                    ref_params = ctx.load_policy(t - 1)
                 evaluate(ctx, t, ctx.load_policy(t), ref_params)
 
     @contextlib.contextmanager

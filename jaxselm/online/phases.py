@@ -22,7 +22,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxselm.data.packing import (
@@ -383,7 +382,11 @@ def load_reference(ctx: RunContext, t: int) -> LogProbs:
 
 def train(ctx: RunContext, t: int, pairs: PairSet, ref: LogProbs, ref_params: Any) -> Any:
     """``online.epochs`` passes of the preference loss over the pairs, from pi_ref, with a fresh
-    optimizer and iteration t's learning rate and alpha; the new policy's params."""
+    optimizer and iteration t's learning rate and alpha; the new policy's params.
+
+    ``ref_params`` (pi_ref) is consumed: its buffers start the train state, which the step
+    donates, so the caller must not use them afterwards (unless no pair was made: then they are
+    returned as the new policy)."""
     o = ctx.cfg.online
     n = len(pairs)
     if n == 0:
@@ -417,8 +420,8 @@ def train(ctx: RunContext, t: int, pairs: PairSet, ref: LogProbs, ref_params: An
         fault_name=f"iter{t}/train",
     )
     loop.add_hook(lambda s, m: ctx.metrics.write("train", s, to_host(m), iteration=t, iter_step=s))
-    # A copy: the step donates its state, and pi_ref is used again (evaluation).
-    return loop.run(lambda: jax.tree.map(jnp.copy, ref_params), tx, batch_at).params
+    # No copy: the state takes pi_ref's buffers (one set of weights in memory while training).
+    return loop.run(lambda: ref_params, tx, batch_at).params
 
 
 def _train_loop(

@@ -163,7 +163,10 @@ def test_train_phase_compiles_once_across_iterations(tmp_path, params):
     for t in (1, 2, 3):
         ref = phases.reference(ctx, t, pairs, params)
         assert (ref.refresp is None) == (t == 3)
-        phases.train(ctx, t, pairs, ref, params)
+        start = jax.tree.map(jnp.copy, params)
+        phases.train(ctx, t, pairs, ref, start)
+        # pi_ref's buffers became the train state's (donated): no second copy while training.
+        assert all(x.is_deleted() for x in jax.tree.leaves(start))
         steps.append(ctx.preference_step(phases.train_config(ctx, t)))
     assert steps[0] is steps[1] and steps[0].compilations == 1
     assert steps[2] is not steps[0] and steps[2].compilations == 1  # pairs only
