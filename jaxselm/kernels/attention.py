@@ -119,13 +119,15 @@ def masked_attention_decode(
     sliding_window: int | None = None,
 ) -> jax.Array:
     """``xla``'s math for one query per row (T = 1, KV-cache decoding), as two batched
-    matrix-vector products over (batch, kv head) with k and v taken as [B, K, S, D].
+    matrix-vector products over (batch, kv head) with k taken as [B, K, D, S] and v as
+    [B, K, S, D].
 
-    The model's KV cache is stored [L, B, K, S, D] and handed to attention as a transposed
-    [B, S, K, D] view; these einsums transpose it back, so XLA cancels the pair and the matmuls
-    read the cache where it lies. (:func:`masked_attention_xla`'s einsums, on XLA:CPU, made a
-    transposed copy of each layer's keys and values for every decoded token: 30% of a decode
-    step of SmolLM2-135M at batch 32.) Same result within float32 summation order.
+    The model's KV cache stores keys [L, B, K, D, S] and values [L, B, K, S, D] and hands each
+    layer's to attention as transposed [B, S, K, D] views; these einsums transpose them back, so
+    XLA cancels the pairs and the matmuls read the cache where it lies.
+    (:func:`masked_attention_xla`'s einsums, on XLA:CPU, made a transposed copy of each layer's
+    keys and values for every decoded token: 30% of a decode step of SmolLM2-135M at batch 32.)
+    Same result within float32 summation order.
     """
     b, t, h, d = q.shape
     s_len, kh = k.shape[1], k.shape[2]
